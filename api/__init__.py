@@ -1,0 +1,1 @@
+"""HTTP: the Starlette app for ingestion-compatible routes and operator reads."""

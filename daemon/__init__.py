@@ -1,0 +1,1 @@
+"""The daemon: configuration, reading validation, the shared write path and the lifecycle."""

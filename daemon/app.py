@@ -1,0 +1,224 @@
+"""The daemon's lifecycle: services, migrations, the writer, the MQTT subscriber and HTTP.
+
+Shutdown order matters for "nothing lost": stop reading MQTT and stop HTTP first, then let
+the writer flush what it holds (acks go out after its commit), then disconnect the broker
+(keeping the session), then stop whatever private services we started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import uvicorn
+
+from api.app import create_app
+from broker.intake import MqttIntake
+from broker.subscriber import MqttSubscriber
+from broker.topics import subscriptions
+from daemon.config import MqttEndpoint, Settings
+from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.readings import TimeWindow
+from daemon.runtime import BrokerStatus, Runtime
+from daemon.writer import Submission, Writer
+from db.migrate import migrate
+from db.partitions import upkeep
+from db.pool import connect, create_pool
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_FLUSH_TIMEOUT_S = 15.0
+DB_WAIT_LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    database_url: str
+    mqtt_url: str
+
+
+@contextlib.asynccontextmanager
+async def endpoints(settings: Settings, *, broker: bool = True) -> AsyncIterator[Endpoints]:
+    """The configured URLs, or private services started under VAR_DIR (stopped on exit)."""
+    with contextlib.ExitStack() as stack:
+        database_url = settings.database_url
+        if database_url is None:
+            pg = EmbeddedPostgres(settings.var_dir / "postgres", port=settings.embedded_pg_port)
+            database_url = await asyncio.to_thread(pg.start)
+            stack.callback(pg.stop)
+        mqtt_url = settings.mqtt_url or ""
+        if broker and settings.mqtt_url is None:
+            mosquitto = EmbeddedMosquitto(
+                settings.var_dir / "mosquitto", port=settings.embedded_mqtt_port
+            )
+            mqtt_url = await asyncio.to_thread(mosquitto.start)
+            stack.callback(mosquitto.stop)
+        yield Endpoints(database_url, mqtt_url)
+
+
+async def prepare_database(settings: Settings, database_url: str) -> None:
+    """Apply migrations and create partitions; waits (logging) while PostgreSQL is down."""
+    waited = 0.0
+    while True:
+        try:
+            conn = await connect(database_url, schema=settings.db_schema)
+            break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            if waited % DB_WAIT_LOG_EVERY_S < 1:
+                log.warning("waiting for PostgreSQL at %s: %s", _safe(database_url), error)
+            await asyncio.sleep(1)
+            waited += 1
+    try:
+        await migrate(conn, schema=settings.db_schema)
+        await run_upkeep(conn, settings)
+    finally:
+        await conn.close()
+
+
+async def run_upkeep(conn: asyncpg.Connection, settings: Settings) -> None:
+    await upkeep(
+        conn,
+        schema=settings.db_schema,
+        now=datetime.now(UTC),
+        retention_days=settings.retention_days,
+        lookahead_days=settings.partition_lookahead_days,
+    )
+
+
+def _safe(url: str) -> str:
+    return url.split("@")[-1]
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the daemon decides when HTTP stops."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: Settings) -> None:
+    """`energy-ingest run`: everything in one process until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with endpoints(settings) as urls:
+        await prepare_database(settings, urls.database_url)
+        async with AsyncExitStack() as stack:
+            pool = await create_pool(
+                urls.database_url, schema=settings.db_schema, max_size=settings.db_pool_size
+            )
+            stack.push_async_callback(pool.close)
+            await _run_daemon(settings, urls, pool, stop)
+
+
+async def _run_daemon(
+    settings: Settings, urls: Endpoints, pool: asyncpg.Pool, stop: asyncio.Event
+) -> None:
+    window = TimeWindow(
+        retention=timedelta(days=settings.retention_days),
+        future_skew=timedelta(seconds=settings.future_skew_s),
+    )
+    writer = Writer(
+        pool,
+        flush_max_readings=settings.flush_max_readings,
+        flush_interval_s=settings.flush_interval_s,
+        buffer_max_readings=settings.buffer_max_readings,
+    )
+    endpoint = MqttEndpoint(urls.mqtt_url)
+
+    def forget_unacked(generation: int) -> None:
+        # The broker redelivers every unacked QoS 1 message of that connection: drop the
+        # copies still waiting here rather than hold them twice.
+        def stale(s: Submission) -> bool:
+            return isinstance(s.tag, int) and s.tag <= generation
+
+        dropped = writer.drop_pending(stale)
+        if dropped:
+            log.info("dropped %d unflushed MQTT messages; the broker redelivers them", dropped)
+
+    def on_delivery(delivery: object) -> None:
+        intake(delivery)  # type: ignore[arg-type]
+        if writer.full:
+            subscriber.pause()
+
+    subscriber = MqttSubscriber(
+        host=endpoint.host,
+        port=endpoint.port,
+        username=endpoint.username,
+        password=endpoint.password,
+        client_id=settings.mqtt_client_id,
+        topics=subscriptions(settings.mqtt_shared_group),
+        qos=settings.mqtt_qos,
+        session_expiry_s=settings.mqtt_session_expiry_s,
+        keepalive_s=settings.mqtt_keepalive_s,
+        receive_maximum=settings.mqtt_receive_maximum,
+        on_delivery=on_delivery,
+        on_connection_lost=forget_unacked,
+    )
+    intake = MqttIntake(
+        writer=writer,
+        ack=subscriber.ack,
+        window=window,
+        payload_max_bytes=settings.rejection_payload_max_bytes,
+    )
+    writer.room_listeners.append(subscriber.resume)
+    runtime = Runtime(
+        settings=settings,
+        pool=pool,
+        writer=writer,
+        window=window,
+        broker_status=lambda: BrokerStatus(subscriber.connected, subscriber.last_error),
+    )
+    server = _QuietServer(
+        uvicorn.Config(
+            create_app(runtime),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    writer_task = asyncio.create_task(writer.run(), name="writer")
+    mqtt_task = asyncio.create_task(subscriber.run(), name="mqtt")
+    http_task = asyncio.create_task(server.serve(), name="http")
+    upkeep_task = asyncio.create_task(_upkeep_loop(settings, pool), name="upkeep")
+    log.info("serving HTTP on http://%s:%d, MQTT from %s as %r",
+             settings.http_host, settings.http_port, endpoint, settings.mqtt_client_id)
+    stop_task = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait(
+        {stop_task, writer_task, mqtt_task, http_task}, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in done:
+        if task is not stop_task and task.exception() is not None:
+            log.error("%s stopped: %r", task.get_name(), task.exception())
+    log.info("stopping: no new readings; flushing %d buffered", writer.depth)
+    subscriber.pause()
+    server.should_exit = True
+    await asyncio.wait({http_task}, timeout=5)
+    writer.stop()
+    await asyncio.wait({writer_task}, timeout=SHUTDOWN_FLUSH_TIMEOUT_S)
+    await asyncio.sleep(0.05)  # let queued PUBACKs reach the socket before disconnecting
+    for task in (mqtt_task, upkeep_task, writer_task, http_task, stop_task):
+        task.cancel()
+    await asyncio.gather(mqtt_task, upkeep_task, writer_task, http_task, stop_task,
+                         return_exceptions=True)
+    log.info("stopped")
+
+
+async def _upkeep_loop(settings: Settings, pool: asyncpg.Pool) -> None:
+    while True:
+        await asyncio.sleep(settings.upkeep_interval_s)
+        try:
+            async with pool.acquire() as conn:
+                await run_upkeep(conn, settings)
+        except Exception as error:  # the next round tries again; writes go on meanwhile
+            log.warning("partition upkeep failed: %s", error)

@@ -1,0 +1,56 @@
+"""`energy-ingest`: run the daemon, apply migrations, maintain partitions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from daemon.app import endpoints, prepare_database, serve
+from daemon.config import Settings
+from daemon.embedded import ServiceError
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()
+        )
+        sys.exit(f"energy-ingest: bad configuration: {problems}")
+
+
+async def _migrate(settings: Settings) -> None:
+    async with endpoints(settings, broker=False) as urls:
+        await prepare_database(settings, urls.database_url)
+        logging.getLogger("energy-ingest").info("migrations applied, partitions in place")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="energy-ingest",
+        description="Telemetry ingestion for smart meters and EV chargers (MQTT/HTTP → PostgreSQL).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="MQTT subscriber and HTTP API in one process")
+    commands.add_parser("migrate", help="apply pending schema migrations and create partitions")
+    args = parser.parse_args(argv)
+
+    settings = _settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            asyncio.run(serve(settings))
+        elif args.command == "migrate":
+            asyncio.run(_migrate(settings))
+    except ServiceError as error:
+        sys.exit(f"energy-ingest: {error}")
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,85 @@
+"""Configuration: one typed object read from the environment (and `.env`) once at start-up.
+
+Every setting is documented in the README with its default; the defaults live here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_client_id() -> str:
+    # A fixed id per host keeps the broker-side session (and its queued messages) across
+    # restarts; replicas on other hosts get their own id and share through $share groups.
+    return f"energy-ingest-{socket.gethostname()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL; unset starts a private PostgreSQL under VAR_DIR",
+    )
+    db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    db_pool_size: int = Field(default=4, ge=2, le=64)
+
+    mqtt_url: str | None = Field(
+        default=None,
+        description="mqtt://[user:password@]host[:port]; unset starts a private Mosquitto",
+    )
+    mqtt_client_id: str = Field(default_factory=_default_client_id, min_length=1)
+    mqtt_shared_group: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
+    mqtt_qos: int = Field(default=1, ge=0, le=1)
+    mqtt_session_expiry_s: int = Field(default=7 * 86400, ge=0)
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_receive_maximum: int = Field(default=20000, ge=1, le=65535)
+
+    flush_max_readings: int = Field(default=2000, ge=1)
+    flush_interval_ms: int = Field(default=100, ge=1)
+    buffer_max_readings: int = Field(default=50000, ge=1)
+
+    retention_days: int = Field(default=30, ge=1)
+    partition_lookahead_days: int = Field(default=3, ge=1)
+    upkeep_interval_s: int = Field(default=3600, ge=1)
+    future_skew_s: int = Field(default=300, ge=0)
+    rejection_payload_max_bytes: int = Field(default=2048, ge=64)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+
+    var_dir: Path = Path("var")
+    embedded_pg_port: int = Field(default=5433, ge=0, le=65535)
+    embedded_mqtt_port: int = Field(default=1883, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url_shape(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("mqtt", "tcp"):
+            raise ValueError("MQTT_URL must look like mqtt://[user:password@]host[:port]")
+        return value
+
+    @property
+    def flush_interval_s(self) -> float:
+        return self.flush_interval_ms / 1000.0
+
+
+class MqttEndpoint:
+    """Host, port and credentials parsed from MQTT_URL."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 1883
+        self.username = parts.username
+        self.password = parts.password
+
+    def __repr__(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"

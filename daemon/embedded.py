@@ -1,0 +1,357 @@
+"""Private PostgreSQL and Mosquitto instances for `make run` and the tests.
+
+Used when DATABASE_URL / MQTT_URL are not set: each service lives in a folder of its own
+(`var/postgres`, `var/mosquitto` by default), listens on loopback only, and is stopped by
+whoever started it. PostgreSQL refuses to run as root, so when we are root both services run
+as their Debian system users (`postgres`, `mosquitto`), owning their folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PG_SUPERUSER = "postgres"
+PG_DATABASE = "energy"
+START_TIMEOUT_S = 60.0
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MOSQUITTO_CONF = REPO_ROOT / "mosquitto.conf"
+
+# Lines of the shipped mosquitto.conf that describe a deployment (where to listen, files,
+# who may connect); the private broker replaces them and keeps every delivery setting.
+_DEPLOYMENT_KEYS = {
+    "listener", "persistence_location", "password_file", "acl_file", "allow_anonymous",
+    "log_dest", "pid_file", "user", "log_type", "per_listener_settings",
+}
+
+
+class ServiceError(RuntimeError):
+    """A private service could not be set up; the message says what to do about it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    uid: int
+    gid: int
+    name: str
+
+    @property
+    def is_other(self) -> bool:
+        return self.uid != os.geteuid()
+
+
+def run_as(system_user: str) -> RunAs:
+    """Root runs services as their system user; anyone else runs them as themselves."""
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid())
+        return RunAs(me.pw_uid, me.pw_gid, me.pw_name)
+    try:
+        entry = pwd.getpwnam(system_user)
+    except KeyError:
+        raise ServiceError(
+            f"running as root needs the unprivileged system user {system_user!r} "
+            f"(Debian's package creates it; or: useradd --system {system_user})"
+        ) from None
+    return RunAs(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def choose_port(wanted: int, what: str) -> int:
+    if wanted == 0:
+        return free_port()
+    if port_is_free(wanted):
+        return wanted
+    port = free_port()
+    log.warning("port %d for the private %s is taken; using %d instead", wanted, what, port)
+    return port
+
+
+def wait_for_port(port: int, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise ServiceError(f"the private {what} did not start listening on port {port}")
+
+
+def owned_folder(path: Path, owner: RunAs) -> Path:
+    """Create `path` for `owner`. A folder the owner cannot reach (under /root, say) is
+    replaced by a link to one under /var/tmp that it can."""
+    path = path.resolve()
+    if owner.is_other and not _reachable_by_others(path.parent):
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        target = Path("/var/tmp/energy-ingest") / f"{path.name}-{digest}"
+        target.mkdir(parents=True, exist_ok=True)
+        Path("/var/tmp/energy-ingest").chmod(0o755)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_symlink():
+            path.symlink_to(target)
+        path = target
+    path.mkdir(parents=True, exist_ok=True)
+    if owner.is_other:
+        os.chown(path, owner.uid, owner.gid)
+    return path
+
+
+def _reachable_by_others(path: Path) -> bool:
+    for folder in [path, *path.parents]:
+        if folder.exists() and not folder.stat().st_mode & 0o001:
+            return False
+    return True
+
+
+def _run(args: list[str], owner: RunAs, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    user = owner.uid if owner.is_other else None
+    group = owner.gid if owner.is_other else None
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        args, user=user, group=group, text=True, capture_output=True, **kwargs
+    )
+
+
+def postgres_bindir() -> Path:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[4]) if Path(p).parts[4].isdigit() else 0,
+    )
+    if not candidates:
+        raise ServiceError(
+            "PostgreSQL server binaries not found (initdb). On Debian/Ubuntu: "
+            "apt-get install postgresql; or set DATABASE_URL to an existing server"
+        )
+    return Path(candidates[-1]).parent
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL cluster under `root`, on loopback, trust auth (local dev only)."""
+
+    def __init__(self, root: Path, *, port: int, fsync: bool = True) -> None:
+        self.owner = run_as("postgres")
+        self.root = owned_folder(root, self.owner)
+        self.data = self.root / "data"
+        self.sockets = self.root / "sockets"
+        self.log_file = self.root / "postgres.log"
+        self._wanted_port = port
+        self._fsync = fsync
+        self.port = 0
+        self._bin = postgres_bindir()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{self.port}/{PG_DATABASE}"
+
+    def start(self) -> str:
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        running = self._running_port()
+        if running is not None:
+            self.port = running
+            log.info("private PostgreSQL already running on port %d", running)
+        else:
+            self.port = choose_port(self._wanted_port, "PostgreSQL")
+            self._pg_ctl_start()
+        self._create_database()
+        log.info("private PostgreSQL at %s (data in %s)", self.dsn, self.data)
+        return self.dsn
+
+    def stop(self) -> None:
+        result = _run([str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                       "stop"], self.owner)
+        if result.returncode not in (0, 3):  # 3: was not running
+            log.warning("pg_ctl stop: %s", result.stderr.strip())
+
+    def _initdb(self) -> None:
+        self.data.mkdir(exist_ok=True)
+        self.sockets.mkdir(exist_ok=True)
+        if self.owner.is_other:
+            for path in (self.data, self.sockets):
+                os.chown(path, self.owner.uid, self.owner.gid)
+        args = [str(self._bin / "initdb"), "-D", str(self.data), "-U", PG_SUPERUSER,
+                "--auth=trust", "-E", "UTF8", "--locale=C"]
+        if not self._fsync:
+            args.append("--no-sync")
+        result = _run(args, self.owner)
+        if result.returncode != 0:
+            raise ServiceError(f"initdb failed: {result.stderr.strip()}")
+
+    def _running_port(self) -> int | None:
+        status = _run([str(self._bin / "pg_ctl"), "-D", str(self.data), "status"], self.owner)
+        if status.returncode != 0:
+            return None
+        lines = (self.data / "postmaster.pid").read_text().splitlines()
+        return int(lines[3])
+
+    def _pg_ctl_start(self) -> None:
+        options = [
+            f"-p {self.port}",
+            f"-k {self.sockets}",
+            "-c listen_addresses=127.0.0.1",
+            "-c max_connections=200",
+        ]
+        if not self._fsync:
+            options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        args = [str(self._bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_file),
+                "-w", "-t", str(int(START_TIMEOUT_S)), "-o", " ".join(options), "start"]
+        # A session of its own: Ctrl-C at the terminal must not reach PostgreSQL before the
+        # daemon has flushed; the daemon stops it afterwards.
+        result = _run(args, self.owner, start_new_session=True)
+        if result.returncode != 0:
+            tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            raise ServiceError(f"PostgreSQL did not start: {result.stderr.strip()}\n{tail}")
+
+    def _create_database(self) -> None:
+        psql = [str(self._bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                PG_SUPERUSER, "-d", "postgres", "-tA", "-v", "ON_ERROR_STOP=1"]
+        exists = _run([*psql, "-c", f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'"],
+                      self.owner)
+        if exists.stdout.strip() != "1":
+            created = _run([*psql, "-c", f"CREATE DATABASE {PG_DATABASE}"], self.owner)
+            if created.returncode != 0 and "already exists" not in created.stderr:
+                raise ServiceError(f"cannot create database: {created.stderr.strip()}")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if not found:
+        raise ServiceError(
+            "Mosquitto not found. On Debian/Ubuntu: apt-get install mosquitto mosquitto-clients; "
+            "or set MQTT_URL to an existing broker"
+        )
+    return found
+
+
+def private_broker_config(shipped: str, *, port: int, data: Path, log_file: Path,
+                          pid_file: Path, user: str) -> str:
+    """The shipped delivery settings, with a loopback listener and local files."""
+    kept = []
+    for line in shipped.splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#") and words[0] in _DEPLOYMENT_KEYS:
+            continue
+        kept.append(line)
+    kept += [
+        "",
+        "# --- private broker of `make run` / the tests (generated) ---",
+        f"user {user}",
+        f"pid_file {pid_file}",
+        f"persistence_location {data}/",
+        f"log_dest file {log_file}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        f"listener {port} 127.0.0.1",
+        "# Demo mode: anonymous devices may publish. Deployments use the shipped file as is.",
+        "allow_anonymous true",
+    ]
+    return "\n".join(kept) + "\n"
+
+
+class EmbeddedMosquitto:
+    """A private Mosquitto under `root`, on loopback, anonymous (demo mode)."""
+
+    def __init__(self, root: Path, *, port: int) -> None:
+        self.owner = run_as("mosquitto")
+        self.root = owned_folder(root, self.owner)
+        self.data = self.root / "data"
+        self.conf = self.root / "mosquitto.conf"
+        self.pid_file = self.root / "mosquitto.pid"
+        self.log_file = self.root / "mosquitto.log"
+        self._wanted_port = port
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        binary = mosquitto_binary()
+        self._stop_leftover()
+        self.port = choose_port(self._wanted_port, "Mosquitto")
+        self.data.mkdir(exist_ok=True)
+        self.conf.write_text(private_broker_config(
+            SHIPPED_MOSQUITTO_CONF.read_text(), port=self.port, data=self.data,
+            log_file=self.log_file, pid_file=self.pid_file, user=self.owner.name,
+        ))
+        for path in (self.data, self.conf):
+            if self.owner.is_other:
+                os.chown(path, self.owner.uid, self.owner.gid)
+        self._process = subprocess.Popen(
+            [binary, "-c", str(self.conf)], start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for_port(self.port, START_TIMEOUT_S, "Mosquitto")
+        except ServiceError:
+            self._process.kill()
+            _, err = self._process.communicate()
+            raise ServiceError(f"Mosquitto did not start: {err.decode(errors='replace')}") from None
+        log.info("private Mosquitto at %s (data in %s)", self.url, self.data)
+        return self.url
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        # SIGTERM: Mosquitto writes its persistence file (queued messages) before exiting.
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL, for tests of a broker crash."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def _stop_leftover(self) -> None:
+        """A broker left running by a killed daemon still holds our files: stop it."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"mosquitto" in cmdline and str(self.conf).encode() in cmdline:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.05)

@@ -1,0 +1,201 @@
+"""The readings of SPEC §2: their validation lives here once, for MQTT and HTTP alike.
+
+A payload is decoded with orjson and each reading validated on its own, so one bad reading
+in a gateway's array never sinks the good ones beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+)
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+
+
+class Stream(str, Enum):
+    METER = "meter"
+    VEHICLE = "vehicle"
+
+
+def _timestamp_must_be_text(value: object) -> object:
+    # pydantic would also take epoch numbers; the contract is ISO 8601 with an offset.
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an ISO 8601 string with an offset, e.g. 2026-01-01T00:00:00Z")
+    return value
+
+
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, strict=True)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp_must_be_text)]
+Kwh = Annotated[StrictFloat, Field(ge=0)]
+
+
+class _Reading(BaseModel):
+    model_config = ConfigDict(
+        populate_by_name=True, allow_inf_nan=False, frozen=True, extra="ignore"
+    )
+
+
+class MeterReading(_Reading):
+    """Grid side (AC): what a smart meter measured in one interval."""
+
+    meter_id: DeviceId = Field(alias="meterId")
+    kwh_consumed_ac: Kwh = Field(alias="kwhConsumedAc")
+    voltage: StrictFloat = Field(ge=0, le=1000)
+    timestamp: Timestamp
+
+    @property
+    def device_id(self) -> str:
+        return self.meter_id
+
+
+class VehicleReading(_Reading):
+    """Battery side (DC): what a vehicle's charger delivered in one interval."""
+
+    vehicle_id: DeviceId = Field(alias="vehicleId")
+    soc: StrictFloat = Field(ge=0, le=100)
+    kwh_delivered_dc: Kwh = Field(alias="kwhDeliveredDc")
+    battery_temp: StrictFloat = Field(alias="batteryTemp", ge=-50, le=120)
+    timestamp: Timestamp
+
+    @property
+    def device_id(self) -> str:
+        return self.vehicle_id
+
+
+Reading = MeterReading | VehicleReading
+MODELS: dict[Stream, type[MeterReading] | type[VehicleReading]] = {
+    Stream.METER: MeterReading,
+    Stream.VEHICLE: VehicleReading,
+}
+ID_FIELDS = {Stream.METER: "meterId", Stream.VEHICLE: "vehicleId"}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One reason a reading was refused: the field at fault (JSON name) and why."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    index: int | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def reason(self) -> str:
+        where = f"reading {self.index}: " if self.index is not None else ""
+        return where + "; ".join(str(p) for p in self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """Timestamps a reading may carry: not older than the retention, not too far ahead."""
+
+    retention: timedelta
+    future_skew: timedelta
+
+    def problem(self, ts: datetime, now: datetime) -> Problem | None:
+        if ts > now + self.future_skew:
+            return Problem(
+                "timestamp",
+                f"is more than {int(self.future_skew.total_seconds())} s in the future",
+            )
+        if ts < now - self.retention:
+            return Problem("timestamp", f"is older than the retention ({self.retention.days} days)")
+        return None
+
+
+def _problems(error: ValidationError) -> tuple[Problem, ...]:
+    found = []
+    for item in error.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in item["loc"]]
+        found.append(Problem(".".join(loc), item["msg"]))
+    return tuple(found)
+
+
+def validate_reading(
+    stream: Stream,
+    data: Any,
+    *,
+    now: datetime,
+    window: TimeWindow,
+    expected_id: str | None = None,
+    index: int | None = None,
+) -> Reading | Rejected:
+    """Validate one decoded JSON value as a reading of `stream`."""
+    if not isinstance(data, dict):
+        return Rejected(index, (Problem("", "a reading must be a JSON object"),))
+    try:
+        reading = MODELS[stream].model_validate(data)
+    except ValidationError as error:
+        return Rejected(index, _problems(error))
+    if expected_id is not None and reading.device_id != expected_id:
+        field = ID_FIELDS[stream]
+        return Rejected(
+            index, (Problem(field, f"{reading.device_id!r} does not match the topic's {expected_id!r}"),)
+        )
+    late_or_early = window.problem(reading.timestamp, now)
+    if late_or_early is not None:
+        return Rejected(index, (late_or_early,))
+    return reading
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedPayload:
+    readings: list[Reading]
+    rejected: list[Rejected]
+
+
+def parse_payload(
+    stream: Stream,
+    payload: bytes,
+    *,
+    now: datetime,
+    window: TimeWindow,
+    expected_id: str | None = None,
+) -> ParsedPayload:
+    """Decode an MQTT payload: one reading (object) or a gateway's array of readings."""
+    try:
+        decoded = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        return ParsedPayload([], [Rejected(None, (Problem("", f"not valid JSON: {error}"),))])
+    items: Sequence[Any]
+    single: Literal[True, False] = not isinstance(decoded, list)
+    items = [decoded] if single else decoded
+    if not items:
+        return ParsedPayload([], [Rejected(None, (Problem("", "empty array: no readings"),))])
+    readings: list[Reading] = []
+    rejected: list[Rejected] = []
+    for position, item in enumerate(items):
+        result = validate_reading(
+            stream,
+            item,
+            now=now,
+            window=window,
+            expected_id=expected_id,
+            index=None if single else position,
+        )
+        if isinstance(result, Rejected):
+            rejected.append(result)
+        else:
+            readings.append(result)
+    return ParsedPayload(readings, rejected)

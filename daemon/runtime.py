@@ -1,0 +1,27 @@
+"""What the HTTP side sees of a running daemon: the pool, the writer and the broker link."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from daemon.config import Settings
+from daemon.readings import TimeWindow
+from daemon.writer import Writer
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatus:
+    connected: bool
+    detail: str
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    pool: asyncpg.Pool
+    writer: Writer
+    window: TimeWindow
+    broker_status: Callable[[], BrokerStatus]

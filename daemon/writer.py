@@ -1,0 +1,294 @@
+"""The write path that MQTT and HTTP share: a bounded buffer and the transactional flusher.
+
+Submissions (the readings of one MQTT message or one HTTP request, plus any rejections to
+record) wait in the buffer until it holds `flush_max_readings` or `flush_interval` has passed
+since the oldest one arrived; then they are written in one transaction. A submission's
+`on_committed` runs only after that transaction has committed: that is where MQTT sends its
+PUBACK and HTTP answers 201, so nothing is acknowledged that a crash could still lose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+
+from daemon.readings import MeterReading, Reading, Stream
+from db.errors import DataFailure, DatabaseFailure, classify
+from db.writes import FlushBatch, Key, RejectionRow, Row, flush_batch
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    accepted: int
+    duplicates: int
+    refused_by_database: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Submission:
+    readings: Sequence[Reading]
+    rejections: Sequence[RejectionRow]
+    on_committed: Callable[[Outcome], None]
+    transport: str
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Set by a transport to recognise its own submissions later (MQTT: the connection).
+    tag: object = None
+
+
+class Overloaded(Exception):
+    """The buffer is full: the caller should come back later (HTTP 503, MQTT: stop reading)."""
+
+
+def row_of(reading: Reading, received_at: datetime) -> tuple[str, Row]:
+    if isinstance(reading, MeterReading):
+        return Stream.METER.value, (
+            reading.meter_id,
+            reading.timestamp,
+            reading.kwh_consumed_ac,
+            reading.voltage,
+            received_at,
+        )
+    return Stream.VEHICLE.value, (
+        reading.vehicle_id,
+        reading.timestamp,
+        reading.soc,
+        reading.kwh_delivered_dc,
+        reading.battery_temp,
+        received_at,
+    )
+
+
+def batch_of(submissions: Sequence[Submission]) -> FlushBatch:
+    batch = FlushBatch()
+    for submission in submissions:
+        for reading in submission.readings:
+            stream, row = row_of(reading, submission.received_at)
+            batch.rows[stream].append(row)
+        batch.rejections.extend(submission.rejections)
+    return batch
+
+
+def settle(submissions: Sequence[Submission], inserted: dict[str, set[Key]]) -> None:
+    """Tell each submission how many of its readings were new and how many duplicates."""
+    for submission in submissions:
+        accepted = 0
+        for reading in submission.readings:
+            stream, row = row_of(reading, submission.received_at)
+            keys = inserted.get(stream)
+            key = (row[0], row[1])
+            if keys is not None and key in keys:
+                keys.discard(key)  # a second copy in the same batch is a duplicate
+                accepted += 1
+        outcome = Outcome(accepted, len(submission.readings) - accepted)
+        _notify(submission, outcome)
+
+
+def _notify(submission: Submission, outcome: Outcome) -> None:
+    try:
+        submission.on_committed(outcome)
+    except Exception:  # one caller's failing callback must not stop the flusher
+        log.exception("on_committed callback failed")
+
+
+class Writer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        flush_max_readings: int,
+        flush_interval_s: float,
+        buffer_max_readings: int,
+    ) -> None:
+        self._pool = pool
+        self._flush_max = flush_max_readings
+        self._interval_s = flush_interval_s
+        self._buffer_max = buffer_max_readings
+        self._pending: deque[Submission] = deque()
+        self._pending_readings = 0
+        self._inflight_readings = 0
+        self._oldest_at = 0.0
+        self._work = asyncio.Event()
+        self._enough = asyncio.Event()
+        self._stopping = False
+        self.database_ok = False
+        self.room_listeners: list[Callable[[], None]] = []
+
+    @property
+    def depth(self) -> int:
+        """Readings held in memory: waiting plus being written."""
+        return self._pending_readings + self._inflight_readings
+
+    @property
+    def full(self) -> bool:
+        return self.depth >= self._buffer_max
+
+    def submit(self, submission: Submission) -> None:
+        """Queue a submission; `on_committed` runs after the transaction holding it commits."""
+        if self._stopping:
+            raise Overloaded("the daemon is shutting down")
+        if not self._pending:
+            self._oldest_at = time.monotonic()
+        self._pending.append(submission)
+        self._pending_readings += max(1, len(submission.readings))
+        self._work.set()
+        if self._pending_readings >= self._flush_max:
+            self._enough.set()
+
+    def drop_pending(self, stale: Callable[[Submission], bool]) -> int:
+        """Forget waiting submissions that will come again (unacked MQTT after a reconnect)."""
+        kept = deque(s for s in self._pending if not stale(s))
+        dropped = len(self._pending) - len(kept)
+        self._pending = kept
+        self._pending_readings = sum(max(1, len(s.readings)) for s in kept)
+        return dropped
+
+    async def write(
+        self, readings: Sequence[Reading], rejections: Sequence[RejectionRow], *, transport: str
+    ) -> Outcome:
+        """Submit and wait for the commit (HTTP). Raises Overloaded when the buffer is full."""
+        if self.full:
+            raise Overloaded(f"buffer holds {self.depth} readings")
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.submit(Submission(readings, rejections, lambda o: _resolve(done, o), transport))
+        return await done
+
+    async def run(self) -> None:
+        """Flush until stopped; on stop, flush what is left (while the database answers)."""
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                self._work.clear()
+                await self._work.wait()
+                continue
+            await self._wait_for_batch()
+            await self._flush(self._take())
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._work.set()
+        self._enough.set()
+
+    async def _wait_for_batch(self) -> None:
+        remaining = self._oldest_at + self._interval_s - time.monotonic()
+        if self._pending_readings >= self._flush_max or remaining <= 0 or self._stopping:
+            return
+        self._enough.clear()
+        try:
+            await asyncio.wait_for(self._enough.wait(), remaining)
+        except TimeoutError:
+            pass
+
+    def _take(self) -> list[Submission]:
+        taken: list[Submission] = []
+        count = 0
+        while self._pending and (not taken or count + len(self._pending[0].readings) <= self._flush_max):
+            submission = self._pending.popleft()
+            taken.append(submission)
+            count += max(1, len(submission.readings))
+        self._pending_readings -= count
+        self._inflight_readings = count
+        if self._pending:
+            self._oldest_at = time.monotonic()
+        return taken
+
+    async def _flush(self, submissions: list[Submission]) -> None:
+        try:
+            await self._commit(submissions)
+        finally:
+            self._inflight_readings = 0
+            if not self.full:
+                for listener in self.room_listeners:
+                    listener()
+
+    async def _commit(self, submissions: list[Submission]) -> None:
+        """Commit with back-off while the database is away; isolate rows it refuses."""
+        backoff = BACKOFF_FIRST_S
+        while True:
+            try:
+                inserted = await self._transaction(batch_of(submissions))
+            except DataFailure as failure:
+                await self._isolate(submissions, failure)
+                return
+            except DatabaseFailure as failure:
+                self.database_ok = False
+                log.warning("flush of %d submissions failed, retrying in %.1f s: %s",
+                            len(submissions), backoff, failure.detail)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            self.database_ok = True
+            settle(submissions, inserted)
+            return
+
+    async def _transaction(self, batch: FlushBatch) -> dict[str, set[Key]]:
+        try:
+            async with self._pool.acquire() as conn:
+                return await flush_batch(conn, batch)
+        except Exception as error:
+            raise classify(error) from error
+
+    async def _isolate(self, submissions: list[Submission], failure: DataFailure) -> None:
+        """The database refused a row: split until the refused readings stand alone."""
+        if len(submissions) > 1:
+            middle = len(submissions) // 2
+            await self._commit(submissions[:middle])
+            await self._commit(submissions[middle:])
+            return
+        submission = submissions[0]
+        if len(submission.readings) > 1 or (submission.readings and submission.rejections):
+            await self._commit_one_by_one(submission)
+        else:
+            await self._refuse(submission, failure)
+
+    async def _commit_one_by_one(self, submission: Submission) -> None:
+        outcomes: list[Outcome] = []
+        for reading in submission.readings:
+            single = Submission([reading], [], outcomes.append, submission.transport,
+                                submission.received_at)
+            await self._commit([single])
+        rejections = Submission([], submission.rejections, outcomes.append, submission.transport,
+                                submission.received_at)
+        if submission.rejections:
+            await self._commit([rejections])
+        _notify(submission, Outcome(
+            accepted=sum(o.accepted for o in outcomes),
+            duplicates=sum(o.duplicates for o in outcomes),
+            refused_by_database=tuple(r for o in outcomes for r in o.refused_by_database),
+        ))
+
+    async def _refuse(self, submission: Submission, failure: DataFailure) -> None:
+        """A single reading the database refused: record why, keep everything else."""
+        log.warning("database refused a row from %s: %s", submission.transport, failure.detail)
+        if submission.readings:
+            rows = [row_of(r, submission.received_at)[1] for r in submission.readings]
+            refusal = RejectionRow(
+                received_at=submission.received_at,
+                source=submission.transport,
+                topic_or_route="(database)",
+                payload=repr(rows)[:2048],
+                reason=f"refused by the database: {failure.detail}",
+            )
+            await self._commit([Submission([], [refusal], _ignore, submission.transport)])
+        _notify(submission, Outcome(0, 0, refused_by_database=(failure.detail,)))
+
+
+def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+def _ignore(_: Outcome) -> None:
+    return None

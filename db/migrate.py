@@ -1,0 +1,71 @@
+"""Versioned SQL migrations (`db/migrations/NNNN_name.sql`), applied once each, in order.
+
+Safe from several processes at once: the whole run holds a session advisory lock, so a
+second migrator waits, then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("db").joinpath("migrations").iterdir():
+        match = _FILE_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def lock_key(schema: str, purpose: str) -> str:
+    """Text hashed by PostgreSQL (hashtext) into an advisory lock id for one schema."""
+    return f"energy-ingest:{purpose}:{schema}"
+
+
+async def migrate(conn: asyncpg.Connection, *, schema: str) -> list[Migration]:
+    """Apply the pending migrations; returns those this call applied."""
+    applied_now: list[Migration] = []
+    await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key(schema, "migrate"))
+    try:
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(CREATE_LEDGER)
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for migration in available_migrations():
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+            applied_now.append(migration)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key(schema, "migrate"))
+    return applied_now

@@ -1,0 +1,46 @@
+"""The one place that knows the table and column names of the readings (SPEC §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTables:
+    stream: str
+    history: str
+    latest: str
+    id_column: str
+    value_columns: tuple[str, ...]
+    value_types: tuple[str, ...]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Row order used everywhere: id, ts, values..., received_at."""
+        return (self.id_column, "ts", *self.value_columns, "received_at")
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return ("text", "timestamptz", *self.value_types, "timestamptz")
+
+
+METER = StreamTables(
+    stream="meter",
+    history="meter_readings",
+    latest="meter_latest",
+    id_column="meter_id",
+    value_columns=("kwh_consumed_ac", "voltage"),
+    value_types=("float8", "float8"),
+)
+VEHICLE = StreamTables(
+    stream="vehicle",
+    history="vehicle_readings",
+    latest="vehicle_latest",
+    id_column="vehicle_id",
+    value_columns=("soc", "kwh_delivered_dc", "battery_temp"),
+    value_types=("float8", "float8", "float8"),
+)
+STREAMS: dict[str, StreamTables] = {"meter": METER, "vehicle": VEHICLE}
+PARTITIONED = (METER.history, VEHICLE.history)
+REJECTIONS = "rejections"
+SESSIONS = "charging_sessions"
