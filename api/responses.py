@@ -16,7 +16,9 @@ class JSON(JSONResponse):
 class ApiError(Exception):
     """An error with the status code and the JSON detail the caller gets."""
 
-    def __init__(self, status_code: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status_code: int, detail: Any, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(str(detail))
         self.status_code = status_code
         self.detail = detail

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -70,11 +70,11 @@ class MqttSubscriber:
         self.last_error = "not connected yet"
         self._paused = False
         self.connected_once_this_round = False
-        self._sock: socket.socket | None = None
+        self._sock: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost = asyncio.Event()
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,
@@ -142,7 +142,7 @@ class MqttSubscriber:
     # -- connection ---------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self._session_expiry_s
         # The broker never has more unacked QoS 1 messages out to us than this: the bound
         # on what a slow database can make us hold in memory.
@@ -179,8 +179,13 @@ class MqttSubscriber:
         self.last_error = ""
         options = SubscribeOptions(qos=self._qos)
         client.subscribe([(topic, options) for topic in self._topics])
-        log.info("MQTT connected to %s:%d (session present: %s), subscribing to %s",
-                 self._host, self._port, flags.session_present, self._topics)
+        log.info(
+            "MQTT connected to %s:%d (session present: %s), subscribing to %s",
+            self._host,
+            self._port,
+            flags.session_present,
+            self._topics,
+        )
 
     def _handle_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
@@ -200,9 +205,13 @@ class MqttSubscriber:
             self._on_connection_lost(self.generation)
         self._lost.set()
 
-    def _handle_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _handle_message(
+        self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
+    ) -> None:
         self._on_delivery(
-            Delivery(message.topic, message.payload, message.qos, message.mid, self.generation)
+            Delivery(
+                message.topic, bytes(message.payload), message.qos, message.mid, self.generation
+            )
         )
 
     # -- socket plumbing for the asyncio loop -------------------------------------------

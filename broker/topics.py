@@ -1,4 +1,4 @@
-"""The telemetry topics of SPEC §3: `meters/{meterId}/telemetry`, `vehicles/{vehicleId}/telemetry`."""
+"""Telemetry topics (SPEC §3): `meters/{meterId}/telemetry`, `vehicles/{vehicleId}/telemetry`."""
 
 from __future__ import annotations
 

@@ -191,8 +191,13 @@ async def _run_daemon(
     mqtt_task = asyncio.create_task(subscriber.run(), name="mqtt")
     http_task = asyncio.create_task(server.serve(), name="http")
     upkeep_task = asyncio.create_task(_upkeep_loop(settings, pool), name="upkeep")
-    log.info("serving HTTP on http://%s:%d, MQTT from %s as %r",
-             settings.http_host, settings.http_port, endpoint, settings.mqtt_client_id)
+    log.info(
+        "serving HTTP on http://%s:%d, MQTT from %s as %r",
+        settings.http_host,
+        settings.http_port,
+        endpoint,
+        settings.mqtt_client_id,
+    )
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait(
         {stop_task, writer_task, mqtt_task, http_task}, return_when=asyncio.FIRST_COMPLETED
@@ -209,8 +214,9 @@ async def _run_daemon(
     await asyncio.sleep(0.05)  # let queued PUBACKs reach the socket before disconnecting
     for task in (mqtt_task, upkeep_task, writer_task, http_task, stop_task):
         task.cancel()
-    await asyncio.gather(mqtt_task, upkeep_task, writer_task, http_task, stop_task,
-                         return_exceptions=True)
+    await asyncio.gather(
+        mqtt_task, upkeep_task, writer_task, http_task, stop_task, return_exceptions=True
+    )
     log.info("stopped")
 
 

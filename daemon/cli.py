@@ -33,7 +33,7 @@ async def _migrate(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="energy-ingest",
-        description="Telemetry ingestion for smart meters and EV chargers (MQTT/HTTP → PostgreSQL).",
+        description="Telemetry of smart meters and EV chargers (MQTT/HTTP) into PostgreSQL.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="MQTT subscriber and HTTP API in one process")

@@ -33,8 +33,16 @@ SHIPPED_MOSQUITTO_CONF = REPO_ROOT / "mosquitto.conf"
 # Lines of the shipped mosquitto.conf that describe a deployment (where to listen, files,
 # who may connect); the private broker replaces them and keeps every delivery setting.
 _DEPLOYMENT_KEYS = {
-    "listener", "persistence_location", "password_file", "acl_file", "allow_anonymous",
-    "log_dest", "pid_file", "user", "log_type", "per_listener_settings",
+    "listener",
+    "persistence_location",
+    "password_file",
+    "acl_file",
+    "allow_anonymous",
+    "log_dest",
+    "pid_file",
+    "user",
+    "log_type",
+    "per_listener_settings",
 }
 
 
@@ -77,6 +85,8 @@ def free_port() -> int:
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As the servers do: a port in TIME_WAIT after a restart still counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -181,13 +191,16 @@ class EmbeddedPostgres:
         else:
             self.port = choose_port(self._wanted_port, "PostgreSQL")
             self._pg_ctl_start()
+        self._wanted_port = self.port  # a restart comes back where clients expect it
         self._create_database()
         log.info("private PostgreSQL at %s (data in %s)", self.dsn, self.data)
         return self.dsn
 
     def stop(self) -> None:
-        result = _run([str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                       "stop"], self.owner)
+        result = _run(
+            [str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+            self.owner,
+        )
         if result.returncode not in (0, 3):  # 3: was not running
             log.warning("pg_ctl stop: %s", result.stderr.strip())
 
@@ -197,8 +210,17 @@ class EmbeddedPostgres:
         if self.owner.is_other:
             for path in (self.data, self.sockets):
                 os.chown(path, self.owner.uid, self.owner.gid)
-        args = [str(self._bin / "initdb"), "-D", str(self.data), "-U", PG_SUPERUSER,
-                "--auth=trust", "-E", "UTF8", "--locale=C"]
+        args = [
+            str(self._bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            PG_SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]
         if not self._fsync:
             args.append("--no-sync")
         result = _run(args, self.owner)
@@ -221,8 +243,19 @@ class EmbeddedPostgres:
         ]
         if not self._fsync:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
-        args = [str(self._bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_file),
-                "-w", "-t", str(int(START_TIMEOUT_S)), "-o", " ".join(options), "start"]
+        args = [
+            str(self._bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT_S)),
+            "-o",
+            " ".join(options),
+            "start",
+        ]
         # A session of its own: Ctrl-C at the terminal must not reach PostgreSQL before the
         # daemon has flushed; the daemon stops it afterwards.
         result = _run(args, self.owner, start_new_session=True)
@@ -231,10 +264,23 @@ class EmbeddedPostgres:
             raise ServiceError(f"PostgreSQL did not start: {result.stderr.strip()}\n{tail}")
 
     def _create_database(self) -> None:
-        psql = [str(self._bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                PG_SUPERUSER, "-d", "postgres", "-tA", "-v", "ON_ERROR_STOP=1"]
-        exists = _run([*psql, "-c", f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'"],
-                      self.owner)
+        psql = [
+            str(self._bin / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            PG_SUPERUSER,
+            "-d",
+            "postgres",
+            "-tA",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]
+        exists = _run(
+            [*psql, "-c", f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'"], self.owner
+        )
         if exists.stdout.strip() != "1":
             created = _run([*psql, "-c", f"CREATE DATABASE {PG_DATABASE}"], self.owner)
             if created.returncode != 0 and "already exists" not in created.stderr:
@@ -253,8 +299,9 @@ def mosquitto_binary() -> str:
     return found
 
 
-def private_broker_config(shipped: str, *, port: int, data: Path, log_file: Path,
-                          pid_file: Path, user: str) -> str:
+def private_broker_config(
+    shipped: str, *, port: int, data: Path, log_file: Path, pid_file: Path, user: str
+) -> str:
     """The shipped delivery settings, with a loopback listener and local files."""
     kept = []
     for line in shipped.splitlines():
@@ -301,17 +348,26 @@ class EmbeddedMosquitto:
         binary = mosquitto_binary()
         self._stop_leftover()
         self.port = choose_port(self._wanted_port, "Mosquitto")
+        self._wanted_port = self.port
         self.data.mkdir(exist_ok=True)
-        self.conf.write_text(private_broker_config(
-            SHIPPED_MOSQUITTO_CONF.read_text(), port=self.port, data=self.data,
-            log_file=self.log_file, pid_file=self.pid_file, user=self.owner.name,
-        ))
+        self.conf.write_text(
+            private_broker_config(
+                SHIPPED_MOSQUITTO_CONF.read_text(),
+                port=self.port,
+                data=self.data,
+                log_file=self.log_file,
+                pid_file=self.pid_file,
+                user=self.owner.name,
+            )
+        )
         for path in (self.data, self.conf):
             if self.owner.is_other:
                 os.chown(path, self.owner.uid, self.owner.gid)
         self._process = subprocess.Popen(
-            [binary, "-c", str(self.conf)], start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [binary, "-c", str(self.conf)],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         try:
             wait_for_port(self.port, START_TIMEOUT_S, "Mosquitto")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -26,7 +26,7 @@ from pydantic import (
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 
 
-class Stream(str, Enum):
+class Stream(StrEnum):
     METER = "meter"
     VEHICLE = "vehicle"
 
@@ -151,7 +151,8 @@ def validate_reading(
     if expected_id is not None and reading.device_id != expected_id:
         field = ID_FIELDS[stream]
         return Rejected(
-            index, (Problem(field, f"{reading.device_id!r} does not match the topic's {expected_id!r}"),)
+            index,
+            (Problem(field, f"{reading.device_id!r} does not match the topic's {expected_id!r}"),),
         )
     late_or_early = window.problem(reading.timestamp, now)
     if late_or_early is not None:

@@ -10,6 +10,7 @@ PUBACK and HTTP answers 201, so nothing is acknowledged that a crash could still
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from daemon.readings import MeterReading, Reading, Stream
-from db.errors import DataFailure, DatabaseFailure, classify
+from db.errors import DatabaseFailure, DataFailure, classify
 from db.writes import FlushBatch, Key, RejectionRow, Row, flush_batch
 
 log = logging.getLogger(__name__)
@@ -186,15 +187,15 @@ class Writer:
         if self._pending_readings >= self._flush_max or remaining <= 0 or self._stopping:
             return
         self._enough.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._enough.wait(), remaining)
-        except TimeoutError:
-            pass
 
     def _take(self) -> list[Submission]:
         taken: list[Submission] = []
         count = 0
-        while self._pending and (not taken or count + len(self._pending[0].readings) <= self._flush_max):
+        while self._pending and (
+            not taken or count + len(self._pending[0].readings) <= self._flush_max
+        ):
             submission = self._pending.popleft()
             taken.append(submission)
             count += max(1, len(submission.readings))
@@ -224,8 +225,12 @@ class Writer:
                 return
             except DatabaseFailure as failure:
                 self.database_ok = False
-                log.warning("flush of %d submissions failed, retrying in %.1f s: %s",
-                            len(submissions), backoff, failure.detail)
+                log.warning(
+                    "flush of %d submissions failed, retrying in %.1f s: %s",
+                    len(submissions),
+                    backoff,
+                    failure.detail,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
@@ -256,18 +261,23 @@ class Writer:
     async def _commit_one_by_one(self, submission: Submission) -> None:
         outcomes: list[Outcome] = []
         for reading in submission.readings:
-            single = Submission([reading], [], outcomes.append, submission.transport,
-                                submission.received_at)
+            single = Submission(
+                [reading], [], outcomes.append, submission.transport, submission.received_at
+            )
             await self._commit([single])
-        rejections = Submission([], submission.rejections, outcomes.append, submission.transport,
-                                submission.received_at)
+        rejections = Submission(
+            [], submission.rejections, outcomes.append, submission.transport, submission.received_at
+        )
         if submission.rejections:
             await self._commit([rejections])
-        _notify(submission, Outcome(
-            accepted=sum(o.accepted for o in outcomes),
-            duplicates=sum(o.duplicates for o in outcomes),
-            refused_by_database=tuple(r for o in outcomes for r in o.refused_by_database),
-        ))
+        _notify(
+            submission,
+            Outcome(
+                accepted=sum(o.accepted for o in outcomes),
+                duplicates=sum(o.duplicates for o in outcomes),
+                refused_by_database=tuple(r for o in outcomes for r in o.refused_by_database),
+            ),
+        )
 
     async def _refuse(self, submission: Submission, failure: DataFailure) -> None:
         """A single reading the database refused: record why, keep everything else."""

@@ -1,10 +1,10 @@
 """How a database failure is handled, decided by SQLSTATE class, never by message text.
 
-    DatabaseFailure
-     ├── TransientFailure  connection lost, server shutting down, serialization or deadlock:
-     │                     retry the same work after a back-off
-     └── DataFailure       a row the database refuses (classes 22 and 23): split the batch
-                           to find it, reject it, keep the rest
+DatabaseFailure
+ ├── TransientFailure  connection lost, server shutting down, serialization or deadlock:
+ │                     retry the same work after a back-off
+ └── DataFailure       a row the database refuses (classes 22 and 23): split the batch
+                       to find it, reject it, keep the rest
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ def classify(error: BaseException) -> DatabaseFailure:
         if sqlstate[:2] in _DATA_CLASSES:
             return DataFailure(detail)
         return TransientFailure(detail)
-    if isinstance(
-        error, OSError | asyncio.TimeoutError | asyncpg.InterfaceError | ConnectionError
-    ):
+    if isinstance(error, OSError | asyncio.TimeoutError | asyncpg.InterfaceError | ConnectionError):
         return TransientFailure(f"{error.__class__.__name__}: {error}")
     return TransientFailure(f"{error.__class__.__name__}: {error}")

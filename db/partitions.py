@@ -84,8 +84,8 @@ async def upkeep(
                 )
                 created.append(name)
             for name in sorted(existing):
-                day = partition_day(name)
-                if day is not None and day < wanted[0]:
+                old = partition_day(name)
+                if old is not None and old < wanted[0]:
                     await conn.execute(f'DROP TABLE "{name}"')
                     dropped.append(name)
         await conn.execute(
@@ -93,6 +93,11 @@ async def upkeep(
             now - timedelta(days=retention_days),
         )
     if created or dropped:
-        log.info("partitions: created %d (up to %s), dropped %d (%s)", len(created),
-                 created[-1] if created else "-", len(dropped), ", ".join(dropped) or "-")
+        log.info(
+            "partitions: created %d (up to %s), dropped %d (%s)",
+            len(created),
+            created[-1] if created else "-",
+            len(dropped),
+            ", ".join(dropped) or "-",
+        )
     return UpkeepReport(created, dropped)

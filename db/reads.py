@@ -22,7 +22,9 @@ ORDER BY id DESC
 LIMIT $3"""
 
 
-async def latest_state(conn: asyncpg.Connection, stream: str, device_id: str) -> dict[str, Any] | None:
+async def latest_state(
+    conn: asyncpg.Connection, stream: str, device_id: str
+) -> dict[str, Any] | None:
     record = await conn.fetchrow(_LATEST_SQL[stream], device_id)
     return dict(record) if record is not None else None
 

@@ -1,0 +1,64 @@
+"""Fixtures that start real services, shared by every test that needs them."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from db.migrate import migrate
+from db.partitions import upkeep
+from tests.services import database_url, running_mosquitto, running_postgres
+
+TEMPLATE_DB = "energy_template"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    with running_postgres() as pg:
+        asyncio.run(_make_template(pg))
+        yield pg
+
+
+async def _make_template(pg: EmbeddedPostgres) -> None:
+    admin = await asyncpg.connect(database_url(pg, "postgres"))
+    await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    await admin.close()
+    conn = await asyncpg.connect(database_url(pg, TEMPLATE_DB))
+    await migrate(conn, schema="public")
+    await upkeep(conn, schema="public", now=datetime.now(UTC), retention_days=30,
+                 lookahead_days=3)
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[EmbeddedMosquitto]:
+    with running_mosquitto() as broker:
+        yield broker
+
+
+async def fresh_database(pg: EmbeddedPostgres, *, migrated: bool = True) -> str:
+    """A new database for one test: a copy of the migrated template, or empty."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url(pg, "postgres"))
+    template = f" TEMPLATE {TEMPLATE_DB}" if migrated else ""
+    await admin.execute(f"CREATE DATABASE {name}{template}")
+    await admin.close()
+    return database_url(pg, name)
+
+
+@pytest.fixture
+async def db_url(postgres: EmbeddedPostgres) -> str:
+    return await fresh_database(postgres)
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(db_url)
+    yield connection
+    await connection.close()

@@ -1,0 +1,168 @@
+"""Readings over MQTT, through a real Mosquitto, into a real PostgreSQL (SPEC §2, §3, §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import orjson
+import pytest
+
+from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from tests.conftest import fresh_database
+from tests.helpers import eventually, iso, meter_json, minutes_ago, vehicle_json
+from tests.services import DaemonProcess, Publisher
+
+
+@pytest.fixture(scope="module")
+async def module_db(postgres: EmbeddedPostgres) -> str:
+    return await fresh_database(postgres)
+
+
+@pytest.fixture(scope="module")
+def daemon(module_db: str, mosquitto: EmbeddedMosquitto) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(database_url=module_db, mqtt_url=mosquitto.url).start()
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+@pytest.fixture
+def publisher(mosquitto: EmbeddedMosquitto) -> Iterator[Publisher]:
+    pub = Publisher(mosquitto.port)
+    yield pub
+    pub.close()
+
+
+@pytest.fixture
+async def db(module_db: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(module_db)
+    yield conn
+    await conn.close()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def count(db: asyncpg.Connection, table: str, column: str, device: str) -> int:
+    value: int = await db.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", device)
+    return value
+
+
+async def rejections_for(db: asyncpg.Connection, topic: str) -> list[str]:
+    rows = await db.fetch("SELECT reason FROM rejections WHERE topic_or_route = $1", topic)
+    return [r["reason"] for r in rows]
+
+
+async def test_published_readings_land_in_history_and_latest(
+    daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
+) -> None:
+    meter, vehicle = new_id("M"), new_id("V")
+    at = minutes_ago(1)
+    publisher.publish_all([
+        (f"meters/{meter}/telemetry", meter_json(meter, at, kwh=2.5)),
+        (f"vehicles/{vehicle}/telemetry", vehicle_json(vehicle, at, soc=61.5)),
+    ])
+    async def meter_status() -> dict[str, object] | None:
+        response = await asyncio.to_thread(daemon.get, f"/v1/status/meter/{meter}")
+        return response.json() if response.status_code == 200 else None
+
+    body = await eventually(meter_status)
+    assert body["kwhConsumedAc"] == 2.5 and body["timestamp"] == at.isoformat()
+    vehicle_body = (await asyncio.to_thread(daemon.get, f"/v1/status/vehicle/{vehicle}")).json()
+    assert vehicle_body["soc"] == 61.5
+    assert await count(db, "meter_readings", "meter_id", meter) == 1
+    assert await count(db, "vehicle_readings", "vehicle_id", vehicle) == 1
+
+
+async def test_a_message_delivered_twice_is_stored_once(
+    daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
+) -> None:
+    meter = new_id("M")
+    payload = meter_json(meter, minutes_ago(2))
+    publisher.publish_all([(f"meters/{meter}/telemetry", payload)] * 3)
+    marker = meter_json(meter, minutes_ago(1))
+    publisher.publish_all([(f"meters/{meter}/telemetry", marker)])
+    await eventually(lambda: count(db, "meter_readings", "meter_id", meter))
+    await eventually(
+        lambda: db.fetchval("SELECT ts FROM meter_latest WHERE meter_id = $1 AND ts = $2",
+                            meter, minutes_ago(1))
+    )
+    assert await count(db, "meter_readings", "meter_id", meter) == 2
+
+
+async def test_late_reading_does_not_overwrite_latest(
+    daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
+) -> None:
+    vehicle = new_id("V")
+    topic = f"vehicles/{vehicle}/telemetry"
+    publisher.publish_all([(topic, vehicle_json(vehicle, minutes_ago(1), soc=80))])
+    await eventually(lambda: count(db, "vehicle_readings", "vehicle_id", vehicle))
+    publisher.publish_all([(topic, vehicle_json(vehicle, minutes_ago(45), soc=20))])
+
+    async def both_stored() -> bool:
+        return await count(db, "vehicle_readings", "vehicle_id", vehicle) == 2
+
+    await eventually(both_stored)
+    latest = await db.fetchrow("SELECT ts, soc FROM vehicle_latest WHERE vehicle_id = $1", vehicle)
+    assert (latest["ts"], latest["soc"]) == (minutes_ago(1), 80.0)
+
+
+async def test_a_gateway_array_stores_each_reading(
+    daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
+) -> None:
+    meter = new_id("M")
+    readings = [orjson.loads(meter_json(meter, minutes_ago(m))) for m in range(1, 61)]
+    readings.append({**readings[0], "voltage": 5000, "timestamp": iso(minutes_ago(90))})
+    topic = f"meters/{meter}/telemetry"
+    publisher.publish_all([(topic, orjson.dumps(readings))])
+
+    async def sixty() -> bool:
+        return await count(db, "meter_readings", "meter_id", meter) == 60
+
+    await eventually(sixty)
+    reasons = await eventually(lambda: rejections_for(db, topic))
+    assert reasons == ["reading 60: voltage: Input should be less than or equal to 1000"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason_words"),
+    [
+        (b"this is not json", "not valid JSON"),
+        (b'{"meterId": "someone-else", "kwhConsumedAc": 1, "voltage": 230, '
+         b'"timestamp": "2026-01-01T00:00:00Z"}', "does not match the topic"),
+        (None, "voltage: Input should be less than or equal to 1000"),
+        (b'{"meterId": "X"}', "kwhConsumedAc: Field required"),
+    ],
+)
+async def test_bad_messages_are_recorded_with_a_reason_and_the_daemon_stays_up(
+    daemon: DaemonProcess,
+    publisher: Publisher,
+    db: asyncpg.Connection,
+    payload: bytes | None,
+    reason_words: str,
+) -> None:
+    meter = new_id("M")
+    topic = f"meters/{meter}/telemetry"
+    if payload is None:
+        payload = meter_json(meter, minutes_ago(1), voltage=1200)
+    publisher.publish_all([(topic, payload)])
+    reasons = await eventually(lambda: rejections_for(db, topic))
+    assert len(reasons) == 1 and reason_words in reasons[0]
+    listed = (await asyncio.to_thread(daemon.get, "/v1/rejections", source="mqtt")).json()
+    mine = [r for r in listed["rejections"] if r["topicOrRoute"] == topic]
+    assert mine and mine[0]["payload"] == payload.decode()[:2048]
+    assert (await asyncio.to_thread(daemon.get, "/health")).status_code == 200
+    publisher.publish_all([(topic, meter_json(meter, minutes_ago(1)))])
+    await eventually(lambda: count(db, "meter_readings", "meter_id", meter))
+
+
+async def test_qos0_readings_are_accepted_too(
+    daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
+) -> None:
+    meter = new_id("M")
+    publisher.publish_all([(f"meters/{meter}/telemetry", meter_json(meter, minutes_ago(1)))],
+                          qos=0)
+    await eventually(lambda: count(db, "meter_readings", "meter_id", meter))

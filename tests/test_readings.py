@@ -1,0 +1,150 @@
+"""Validation of readings (SPEC §2): pure logic, no services."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from daemon.readings import (
+    MeterReading,
+    Rejected,
+    Stream,
+    TimeWindow,
+    VehicleReading,
+    parse_payload,
+    validate_reading,
+)
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+WINDOW = TimeWindow(retention=timedelta(days=30), future_skew=timedelta(minutes=5))
+
+
+def meter(**changes: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "meterId": "M-1",
+        "kwhConsumedAc": 1.25,
+        "voltage": 231.5,
+        "timestamp": "2026-11-25T11:59:00Z",
+    }
+    body.update(changes)
+    return body
+
+
+def vehicle(**changes: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "vehicleId": "V-1",
+        "soc": 55,
+        "kwhDeliveredDc": 1.1,
+        "batteryTemp": 31.5,
+        "timestamp": "2026-11-25T13:59:00+02:00",
+    }
+    body.update(changes)
+    return body
+
+
+def check(stream: Stream, body: object, **kwargs: object) -> object:
+    return validate_reading(stream, body, now=NOW, window=WINDOW, **kwargs)  # type: ignore[arg-type]
+
+
+def fields_at_fault(result: object) -> set[str]:
+    assert isinstance(result, Rejected), result
+    return {problem.field for problem in result.problems}
+
+
+def test_valid_meter_reading_keeps_its_values() -> None:
+    reading = check(Stream.METER, meter())
+    assert isinstance(reading, MeterReading)
+    assert (reading.meter_id, reading.kwh_consumed_ac, reading.voltage) == ("M-1", 1.25, 231.5)
+    assert reading.timestamp == datetime(2026, 11, 25, 11, 59, tzinfo=UTC)
+
+
+def test_valid_vehicle_reading_with_offset_timestamp() -> None:
+    reading = check(Stream.VEHICLE, vehicle())
+    assert isinstance(reading, VehicleReading)
+    assert reading.timestamp == datetime(2026, 11, 25, 11, 59, tzinfo=UTC)
+    assert reading.soc == 55.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"kwhConsumedAc": -0.1}, "kwhConsumedAc"),
+        ({"voltage": 1000.5}, "voltage"),
+        ({"voltage": "230"}, "voltage"),
+        ({"voltage": True}, "voltage"),
+        ({"meterId": ""}, "meterId"),
+        ({"meterId": "has space"}, "meterId"),
+        ({"meterId": "x" * 65}, "meterId"),
+        ({"meterId": 17}, "meterId"),
+        ({"timestamp": "2026-11-25T11:59:00"}, "timestamp"),
+        ({"timestamp": 1764071940}, "timestamp"),
+        ({"timestamp": "yesterday"}, "timestamp"),
+    ],
+)
+def test_bad_meter_field_is_named(changes: dict[str, object], field: str) -> None:
+    assert field in fields_at_fault(check(Stream.METER, meter(**changes)))
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"soc": 100.01}, "soc"),
+        ({"soc": -1}, "soc"),
+        ({"batteryTemp": -50.5}, "batteryTemp"),
+        ({"batteryTemp": 121}, "batteryTemp"),
+        ({"kwhDeliveredDc": -1}, "kwhDeliveredDc"),
+    ],
+)
+def test_bad_vehicle_field_is_named(changes: dict[str, object], field: str) -> None:
+    assert field in fields_at_fault(check(Stream.VEHICLE, vehicle(**changes)))
+
+
+def test_missing_fields_are_each_named() -> None:
+    assert fields_at_fault(check(Stream.METER, {"meterId": "M-1"})) == {
+        "kwhConsumedAc",
+        "voltage",
+        "timestamp",
+    }
+
+
+def test_reading_too_far_in_the_future_is_rejected() -> None:
+    ahead = (NOW + timedelta(minutes=6)).isoformat()
+    assert fields_at_fault(check(Stream.METER, meter(timestamp=ahead))) == {"timestamp"}
+    within = (NOW + timedelta(minutes=4)).isoformat()
+    assert isinstance(check(Stream.METER, meter(timestamp=within)), MeterReading)
+
+
+def test_reading_older_than_retention_is_rejected() -> None:
+    old = (NOW - timedelta(days=30, seconds=1)).isoformat()
+    assert fields_at_fault(check(Stream.METER, meter(timestamp=old))) == {"timestamp"}
+
+
+def test_payload_id_must_match_the_topic() -> None:
+    result = check(Stream.METER, meter(meterId="M-2"), expected_id="M-1")
+    assert fields_at_fault(result) == {"meterId"}
+    assert "M-1" in result.reason  # type: ignore[union-attr]
+
+
+def test_array_payload_keeps_good_readings_beside_a_bad_one() -> None:
+    payload = orjson.dumps([meter(), meter(voltage=5000), meter(timestamp="2026-11-25T11:58:00Z")])
+    parsed = parse_payload(Stream.METER, payload, now=NOW, window=WINDOW, expected_id="M-1")
+    assert len(parsed.readings) == 2
+    assert [r.index for r in parsed.rejected] == [1]
+    assert parsed.rejected[0].reason.startswith("reading 1: voltage")
+
+
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[]", "empty array"),
+        (b"42", "JSON object"),
+        (b'{"meterId": "M-1", "voltage": NaN}', "not valid JSON"),
+    ],
+)
+def test_unusable_payloads_say_why(payload: bytes, words: str) -> None:
+    parsed = parse_payload(Stream.METER, payload, now=NOW, window=WINDOW)
+    assert parsed.readings == []
+    assert words in parsed.rejected[0].reason

@@ -1,0 +1,135 @@
+"""The shared write path: buffering, group commit, isolation of refused rows, retries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from daemon.readings import MeterReading, VehicleReading
+from daemon.writer import Outcome, Overloaded, Submission, Writer
+from db.migrate import migrate
+from db.partitions import upkeep
+from db.pool import create_pool
+from tests.services import running_postgres
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def meter(meter_id: str, minutes_ago: float, kwh: float = 1.0) -> MeterReading:
+    return MeterReading(
+        meter_id=meter_id,
+        kwh_consumed_ac=kwh,
+        voltage=230.0,
+        timestamp=NOW - timedelta(minutes=minutes_ago),
+    )
+
+
+def vehicle(vehicle_id: str, minutes_ago: float) -> VehicleReading:
+    return VehicleReading(
+        vehicle_id=vehicle_id,
+        soc=40.0,
+        kwh_delivered_dc=0.9,
+        battery_temp=20.0,
+        timestamp=NOW - timedelta(minutes=minutes_ago),
+    )
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(db_url, schema="public", max_size=4)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def writer(pool: asyncpg.Pool) -> AsyncIterator[Writer]:
+    w = Writer(pool, flush_max_readings=100, flush_interval_s=0.02, buffer_max_readings=1000)
+    task = asyncio.create_task(w.run())
+    yield w
+    w.stop()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_write_answers_after_commit_with_counts(writer: Writer, pool: asyncpg.Pool) -> None:
+    outcome = await writer.write([meter("M1", 2), meter("M1", 1), vehicle("V1", 1)], [],
+                                 transport="http")
+    assert outcome == Outcome(accepted=3, duplicates=0)
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
+
+
+async def test_the_same_reading_twice_counts_once(writer: Writer, pool: asyncpg.Pool) -> None:
+    first, second = await asyncio.gather(
+        writer.write([meter("M1", 1)], [], transport="mqtt"),
+        writer.write([meter("M1", 1), meter("M1", 0)], [], transport="http"),
+    )
+    assert first.accepted + second.accepted == 2
+    assert first.duplicates + second.duplicates == 1
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
+
+
+async def test_a_refused_reading_does_not_sink_its_batch(writer: Writer, pool: asyncpg.Pool) -> None:
+    # A timestamp with no partition (validation would normally stop it earlier).
+    beyond = meter("M2", -60 * 24 * 365)
+    outcomes = await asyncio.gather(
+        writer.write([meter("M1", 1)], [], transport="http"),
+        writer.write([meter("M2", 1), beyond, meter("M2", 2)], [], transport="http"),
+    )
+    assert outcomes[0].accepted == 1
+    assert outcomes[1].accepted == 2 and len(outcomes[1].refused_by_database) == 1
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 3
+        reason = await conn.fetchval("SELECT reason FROM rejections")
+    assert "refused by the database" in reason and "partition" in reason
+
+
+async def test_flush_size_triggers_a_flush_before_the_interval(pool: asyncpg.Pool) -> None:
+    writer = Writer(pool, flush_max_readings=5, flush_interval_s=30, buffer_max_readings=100)
+    task = asyncio.create_task(writer.run())
+    try:
+        outcome = await asyncio.wait_for(
+            writer.write([meter("M1", m) for m in range(5)], [], transport="http"), 5
+        )
+        assert outcome.accepted == 5
+    finally:
+        writer.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_full_buffer_refuses_new_writes(pool: asyncpg.Pool) -> None:
+    writer = Writer(pool, flush_max_readings=1000, flush_interval_s=30, buffer_max_readings=3)
+    writer.submit(Submission([meter("M1", m) for m in range(3)], [], lambda o: None, "mqtt"))
+    with pytest.raises(Overloaded):
+        await writer.write([meter("M1", 10)], [], transport="http")
+
+
+async def test_writes_wait_out_a_database_outage() -> None:
+    with running_postgres() as pg:
+        url = f"postgresql://postgres@127.0.0.1:{pg.port}/energy"
+        conn = await asyncpg.connect(url)
+        await migrate(conn, schema="public")
+        await upkeep(conn, schema="public", now=NOW, retention_days=30, lookahead_days=3)
+        await conn.close()
+        pool = await create_pool(url, schema="public", max_size=2)
+        writer = Writer(pool, flush_max_readings=10, flush_interval_s=0.01, buffer_max_readings=99)
+        task = asyncio.create_task(writer.run())
+        try:
+            await asyncio.to_thread(pg.stop)
+            pending = asyncio.create_task(writer.write([meter("M1", 1)], [], transport="http"))
+            await asyncio.sleep(1.0)
+            assert not pending.done() and not writer.database_ok
+            await asyncio.to_thread(pg.start)
+            outcome = await asyncio.wait_for(pending, 30)
+            assert outcome.accepted == 1
+            conn = await asyncpg.connect(url)
+            assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 1
+            await conn.close()
+        finally:
+            writer.stop()
+            await asyncio.wait_for(task, 10)
+            await pool.close()

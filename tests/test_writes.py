@@ -1,0 +1,78 @@
+"""The flush transaction against a real PostgreSQL: history, latest state, duplicates."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from db.writes import FlushBatch, RejectionRow, flush_batch
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def meter_row(meter_id: str, minutes_ago: int, kwh: float = 1.0) -> tuple[object, ...]:
+    return (meter_id, NOW - timedelta(minutes=minutes_ago), kwh, 230.0, NOW)
+
+
+def vehicle_row(vehicle_id: str, minutes_ago: int, soc: float = 50.0) -> tuple[object, ...]:
+    return (vehicle_id, NOW - timedelta(minutes=minutes_ago), soc, 0.9, 25.0, NOW)
+
+
+async def flush(conn: asyncpg.Connection, meters=(), vehicles=(), rejections=()):  # type: ignore[no-untyped-def]
+    batch = FlushBatch()
+    batch.rows["meter"].extend(meters)
+    batch.rows["vehicle"].extend(vehicles)
+    batch.rejections.extend(rejections)
+    return await flush_batch(conn, batch)
+
+
+async def test_readings_land_in_history_and_latest(conn: asyncpg.Connection) -> None:
+    inserted = await flush(
+        conn,
+        meters=[meter_row("M1", 2), meter_row("M1", 1, kwh=2.0)],
+        vehicles=[vehicle_row("V1", 1)],
+    )
+    assert len(inserted["meter"]) == 2 and len(inserted["vehicle"]) == 1
+    assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
+    latest = await conn.fetchrow("SELECT ts, kwh_consumed_ac FROM meter_latest WHERE meter_id='M1'")
+    assert latest["ts"] == NOW - timedelta(minutes=1) and latest["kwh_consumed_ac"] == 2.0
+    assert await conn.fetchval("SELECT soc FROM vehicle_latest WHERE vehicle_id='V1'") == 50.0
+
+
+async def test_duplicate_reading_is_stored_once_and_reported(conn: asyncpg.Connection) -> None:
+    await flush(conn, meters=[meter_row("M1", 1)])
+    inserted = await flush(conn, meters=[meter_row("M1", 1), meter_row("M1", 0)])
+    assert inserted["meter"] == {("M1", NOW)}
+    assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
+
+
+async def test_same_reading_twice_in_one_batch_is_stored_once(conn: asyncpg.Connection) -> None:
+    inserted = await flush(conn, meters=[meter_row("M1", 1), meter_row("M1", 1)])
+    assert len(inserted["meter"]) == 1
+    assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 1
+
+
+async def test_late_reading_does_not_overwrite_latest(conn: asyncpg.Connection) -> None:
+    await flush(conn, vehicles=[vehicle_row("V1", 1, soc=80.0)])
+    await flush(conn, vehicles=[vehicle_row("V1", 30, soc=20.0)])
+    latest = await conn.fetchrow("SELECT ts, soc FROM vehicle_latest WHERE vehicle_id='V1'")
+    assert (latest["ts"], latest["soc"]) == (NOW - timedelta(minutes=1), 80.0)
+    assert await conn.fetchval("SELECT count(*) FROM vehicle_readings") == 2
+
+
+async def test_rejections_are_written_in_the_same_transaction(conn: asyncpg.Connection) -> None:
+    rejection = RejectionRow(NOW, "mqtt", "meters/M1/telemetry", "nope", "not valid JSON")
+    await flush(conn, meters=[meter_row("M1", 1)], rejections=[rejection])
+    row = await conn.fetchrow("SELECT source, payload, reason FROM rejections")
+    assert tuple(row) == ("mqtt", "nope", "not valid JSON")
+
+
+async def test_a_refused_row_rolls_back_the_whole_batch(conn: asyncpg.Connection) -> None:
+    outside_partitions = ("M1", NOW + timedelta(days=365), 1.0, 230.0, NOW)
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await flush(conn, meters=[meter_row("M1", 1), outside_partitions])
+    assert caught.value.sqlstate.startswith("23")
+    assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 0
+    assert await conn.fetchval("SELECT count(*) FROM meter_latest") == 0
