@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from daemon.app import endpoints, prepare_database, serve
 from daemon.config import Settings
 from daemon.embedded import ServiceError
+from daemon.provision import ProvisionError, provision
 
 
 def _settings() -> Settings:
@@ -38,7 +40,28 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="MQTT subscriber and HTTP API in one process")
     commands.add_parser("migrate", help="apply pending schema migrations and create partitions")
+    provisioning = commands.add_parser(
+        "provision",
+        help="give a device (or the daemon) an MQTT password; prints it",
+        description="Adds or replaces USERNAME in Mosquitto's password file. A device's user "
+        "name is its meterId / vehicleId; the ACL lets it publish only to its own topics. "
+        "Reload the broker afterwards (SIGHUP) for it to take effect.",
+    )
+    provisioning.add_argument("username", help="device id, or energy-ingest for the daemon")
+    provisioning.add_argument(
+        "--password-file",
+        type=Path,
+        default=Path("deploy/mosquitto/passwd"),
+        help="Mosquitto password file (default: %(default)s)",
+    )
+    provisioning.add_argument("--password", help="use this password instead of a random one")
     args = parser.parse_args(argv)
+    if args.command == "provision":
+        try:
+            print(provision(args.password_file, args.username, args.password))
+        except ProvisionError as error:
+            sys.exit(f"energy-ingest: {error}")
+        return
 
     settings = _settings()
     logging.basicConfig(

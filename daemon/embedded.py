@@ -299,8 +299,23 @@ def mosquitto_binary() -> str:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerAuth:
+    """Password file and ACL for a private broker that checks credentials like a deployment."""
+
+    password_file: Path
+    acl_file: Path
+
+
 def private_broker_config(
-    shipped: str, *, port: int, data: Path, log_file: Path, pid_file: Path, user: str
+    shipped: str,
+    *,
+    port: int,
+    data: Path,
+    log_file: Path,
+    pid_file: Path,
+    user: str,
+    auth: BrokerAuth | None = None,
 ) -> str:
     """The shipped delivery settings, with a loopback listener and local files."""
     kept = []
@@ -320,17 +335,27 @@ def private_broker_config(
         "log_type warning",
         "log_type notice",
         f"listener {port} 127.0.0.1",
-        "# Demo mode: anonymous devices may publish. Deployments use the shipped file as is.",
-        "allow_anonymous true",
     ]
+    if auth is None:
+        kept += [
+            "# Demo mode: anonymous devices may publish. Deployments use the shipped file as is.",
+            "allow_anonymous true",
+        ]
+    else:
+        kept += [
+            "allow_anonymous false",
+            f"password_file {auth.password_file}",
+            f"acl_file {auth.acl_file}",
+        ]
     return "\n".join(kept) + "\n"
 
 
 class EmbeddedMosquitto:
     """A private Mosquitto under `root`, on loopback, anonymous (demo mode)."""
 
-    def __init__(self, root: Path, *, port: int) -> None:
+    def __init__(self, root: Path, *, port: int, auth: BrokerAuth | None = None) -> None:
         self.owner = run_as("mosquitto")
+        self.auth = auth
         self.root = owned_folder(root, self.owner)
         self.data = self.root / "data"
         self.conf = self.root / "mosquitto.conf"
@@ -358,6 +383,7 @@ class EmbeddedMosquitto:
                 log_file=self.log_file,
                 pid_file=self.pid_file,
                 user=self.owner.name,
+                auth=self.auth,
             )
         )
         for path in (self.data, self.conf):
@@ -389,6 +415,11 @@ class EmbeddedMosquitto:
             self._process.kill()
             self._process.wait()
         self._process = None
+
+    def reload(self) -> None:
+        """SIGHUP: the broker reads its password file and ACL again."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL, for tests of a broker crash."""

@@ -31,8 +31,7 @@ async def _make_template(pg: EmbeddedPostgres) -> None:
     await admin.close()
     conn = await asyncpg.connect(database_url(pg, TEMPLATE_DB))
     await migrate(conn, schema="public")
-    await upkeep(conn, schema="public", now=datetime.now(UTC), retention_days=30,
-                 lookahead_days=3)
+    await upkeep(conn, schema="public", now=datetime.now(UTC), retention_days=30, lookahead_days=3)
     await conn.close()
 
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 
@@ -42,11 +42,11 @@ def vehicle_json(
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, timeout_s: float = 20.0, interval_s: float = 0.05
+    probe: Callable[[], Awaitable[T | None]], *, timeout_s: float = 20.0, interval_s: float = 0.05
 ) -> T:
     """Await `probe` until it returns something truthy."""
     deadline = time.monotonic() + timeout_s
-    last: Any = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = await probe()
         if last:

@@ -46,7 +46,7 @@ class BackgroundPublisher(threading.Thread):
         try:
             publisher = Publisher(self.port)
             for start in range(0, len(self.messages), 250):
-                chunk = self.messages[start:start + 250]
+                chunk = self.messages[start : start + 250]
                 publisher.publish_all([(topic, payload) for topic, payload, _ in chunk])
                 self.sent += len(chunk)
             publisher.close()
@@ -122,6 +122,7 @@ async def test_backlog_queued_while_the_daemon_is_down_survives_a_broker_restart
     private_broker.start()
     daemon.start()
     try:
+
         async def all_stored() -> bool:
             count, _ = await stored(url, prefix)
             return count >= len(messages)

@@ -15,11 +15,23 @@ from tests.services import REPO
 
 SPEC_TABLES = {
     "meter_readings": ["meter_id", "ts", "kwh_consumed_ac", "voltage", "received_at"],
-    "vehicle_readings": ["vehicle_id", "ts", "soc", "kwh_delivered_dc", "battery_temp",
-                         "received_at"],
+    "vehicle_readings": [
+        "vehicle_id",
+        "ts",
+        "soc",
+        "kwh_delivered_dc",
+        "battery_temp",
+        "received_at",
+    ],
     "meter_latest": ["meter_id", "ts", "kwh_consumed_ac", "voltage", "received_at"],
-    "vehicle_latest": ["vehicle_id", "ts", "soc", "kwh_delivered_dc", "battery_temp",
-                       "received_at"],
+    "vehicle_latest": [
+        "vehicle_id",
+        "ts",
+        "soc",
+        "kwh_delivered_dc",
+        "battery_temp",
+        "received_at",
+    ],
     "charging_sessions": ["vehicle_id", "meter_id", "started_at", "ended_at"],
     "rejections": ["received_at", "source", "topic_or_route", "payload", "reason"],
 }
@@ -27,9 +39,14 @@ SPEC_TABLES = {
 
 async def run_migrate_command(url: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", "migrate",
-        cwd=REPO, env={**os.environ, "DATABASE_URL": url},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "daemon",
+        "migrate",
+        cwd=REPO,
+        env={**os.environ, "DATABASE_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await process.communicate()
     return process.returncode or 0, output.decode()
@@ -90,16 +107,12 @@ async def test_a_vehicle_has_at_most_one_open_session(conn: asyncpg.Connection) 
 
 async def test_sessions_of_one_vehicle_never_overlap(conn: asyncpg.Connection) -> None:
     insert = "INSERT INTO charging_sessions (vehicle_id, meter_id, started_at, ended_at) "
-    await conn.execute(
-        insert + "VALUES ('V1', 'M1', '2026-01-01T00:00Z', '2026-01-01T10:00Z')"
-    )
+    await conn.execute(insert + "VALUES ('V1', 'M1', '2026-01-01T00:00Z', '2026-01-01T10:00Z')")
     await conn.execute(  # touching end to start is fine
         insert + "VALUES ('V1', 'M2', '2026-01-01T10:00Z', '2026-01-01T12:00Z')"
     )
     try:
-        await conn.execute(
-            insert + "VALUES ('V1', 'M3', '2026-01-01T09:00Z', '2026-01-01T11:00Z')"
-        )
+        await conn.execute(insert + "VALUES ('V1', 'M3', '2026-01-01T09:00Z', '2026-01-01T11:00Z')")
     except asyncpg.ExclusionViolationError:
         pass
     else:

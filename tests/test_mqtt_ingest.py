@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import asyncpg
 import orjson
@@ -61,11 +62,14 @@ async def test_published_readings_land_in_history_and_latest(
 ) -> None:
     meter, vehicle = new_id("M"), new_id("V")
     at = minutes_ago(1)
-    publisher.publish_all([
-        (f"meters/{meter}/telemetry", meter_json(meter, at, kwh=2.5)),
-        (f"vehicles/{vehicle}/telemetry", vehicle_json(vehicle, at, soc=61.5)),
-    ])
-    async def meter_status() -> dict[str, object] | None:
+    publisher.publish_all(
+        [
+            (f"meters/{meter}/telemetry", meter_json(meter, at, kwh=2.5)),
+            (f"vehicles/{vehicle}/telemetry", vehicle_json(vehicle, at, soc=61.5)),
+        ]
+    )
+
+    async def meter_status() -> dict[str, Any] | None:
         response = await asyncio.to_thread(daemon.get, f"/v1/status/meter/{meter}")
         return response.json() if response.status_code == 200 else None
 
@@ -87,8 +91,9 @@ async def test_a_message_delivered_twice_is_stored_once(
     publisher.publish_all([(f"meters/{meter}/telemetry", marker)])
     await eventually(lambda: count(db, "meter_readings", "meter_id", meter))
     await eventually(
-        lambda: db.fetchval("SELECT ts FROM meter_latest WHERE meter_id = $1 AND ts = $2",
-                            meter, minutes_ago(1))
+        lambda: db.fetchval(
+            "SELECT ts FROM meter_latest WHERE meter_id = $1 AND ts = $2", meter, minutes_ago(1)
+        )
     )
     assert await count(db, "meter_readings", "meter_id", meter) == 2
 
@@ -131,8 +136,11 @@ async def test_a_gateway_array_stores_each_reading(
     ("payload", "reason_words"),
     [
         (b"this is not json", "not valid JSON"),
-        (b'{"meterId": "someone-else", "kwhConsumedAc": 1, "voltage": 230, '
-         b'"timestamp": "2026-01-01T00:00:00Z"}', "does not match the topic"),
+        (
+            b'{"meterId": "someone-else", "kwhConsumedAc": 1, "voltage": 230, '
+            b'"timestamp": "2026-01-01T00:00:00Z"}',
+            "does not match the topic",
+        ),
         (None, "voltage: Input should be less than or equal to 1000"),
         (b'{"meterId": "X"}', "kwhConsumedAc: Field required"),
     ],
@@ -163,6 +171,5 @@ async def test_qos0_readings_are_accepted_too(
     daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
 ) -> None:
     meter = new_id("M")
-    publisher.publish_all([(f"meters/{meter}/telemetry", meter_json(meter, minutes_ago(1)))],
-                          qos=0)
+    publisher.publish_all([(f"meters/{meter}/telemetry", meter_json(meter, minutes_ago(1)))], qos=0)
     await eventually(lambda: count(db, "meter_readings", "meter_id", meter))

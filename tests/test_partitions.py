@@ -49,13 +49,16 @@ async def test_two_upkeeps_at_once_do_not_collide(db_url: str) -> None:
     conns = [await asyncpg.connect(db_url) for _ in range(2)]
     try:
         reports = await asyncio.gather(
-            *(upkeep(c, schema="public", now=later, retention_days=30, lookahead_days=3)
-              for c in conns)
+            *(
+                upkeep(c, schema="public", now=later, retention_days=30, lookahead_days=3)
+                for c in conns
+            )
         )
         created = [name for report in reports for name in report.created]
         assert len(created) == len(set(created)) > 0
-        again = await upkeep(conns[0], schema="public", now=later, retention_days=30,
-                             lookahead_days=3)
+        again = await upkeep(
+            conns[0], schema="public", now=later, retention_days=30, lookahead_days=3
+        )
         assert again.created == [] and again.dropped == []
     finally:
         for c in conns:

@@ -55,8 +55,9 @@ async def writer(pool: asyncpg.Pool) -> AsyncIterator[Writer]:
 
 
 async def test_write_answers_after_commit_with_counts(writer: Writer, pool: asyncpg.Pool) -> None:
-    outcome = await writer.write([meter("M1", 2), meter("M1", 1), vehicle("V1", 1)], [],
-                                 transport="http")
+    outcome = await writer.write(
+        [meter("M1", 2), meter("M1", 1), vehicle("V1", 1)], [], transport="http"
+    )
     assert outcome == Outcome(accepted=3, duplicates=0)
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
@@ -73,7 +74,9 @@ async def test_the_same_reading_twice_counts_once(writer: Writer, pool: asyncpg.
         assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
 
 
-async def test_a_refused_reading_does_not_sink_its_batch(writer: Writer, pool: asyncpg.Pool) -> None:
+async def test_a_refused_reading_does_not_sink_its_batch(
+    writer: Writer, pool: asyncpg.Pool
+) -> None:
     # A timestamp with no partition (validation would normally stop it earlier).
     beyond = meter("M2", -60 * 24 * 365)
     outcomes = await asyncio.gather(

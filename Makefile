@@ -1,0 +1,35 @@
+# `make run`: a running daemon on http://127.0.0.1:8000 with a private PostgreSQL and
+# Mosquitto under ./var/ (unless DATABASE_URL / MQTT_URL say otherwise).
+# `make test`: the same set-up, then lint, type checks and the whole test suite.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean system-deps
+
+run: $(STAMP) system-deps
+	$(BIN)/energy-ingest run
+
+test: $(STAMP) system-deps lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+system-deps:
+	@scripts/system-deps.sh
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+		echo "python3 -m venv failed; installing python3-venv"; \
+		apt-get install -y -q python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
