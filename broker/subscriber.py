@@ -70,6 +70,7 @@ class MqttSubscriber:
         self.last_error = "not connected yet"
         self._paused = False
         self.connected_once_this_round = False
+        self._closing = False
         self._sock: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost = asyncio.Event()
@@ -119,6 +120,7 @@ class MqttSubscriber:
             misc.cancel()
             if self.connected:
                 # A clean DISCONNECT keeps the session (clean start off, expiry set).
+                self._closing = True
                 self._client.disconnect()
                 self._client.loop_write()
             self._drop_socket()
@@ -201,7 +203,7 @@ class MqttSubscriber:
         self.connected = False
         if was_connected:
             self.last_error = f"disconnected: {reason}"
-            log.warning("MQTT %s", self.last_error)
+            log.log(logging.INFO if self._closing else logging.WARNING, "MQTT %s", self.last_error)
             self._on_connection_lost(self.generation)
         self._lost.set()
 

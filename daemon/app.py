@@ -21,7 +21,7 @@ import uvicorn
 
 from api.app import create_app
 from broker.intake import MqttIntake
-from broker.subscriber import MqttSubscriber
+from broker.subscriber import Delivery, MqttSubscriber
 from broker.topics import subscriptions
 from daemon.config import MqttEndpoint, Settings
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
@@ -145,8 +145,8 @@ async def _run_daemon(
         if dropped:
             log.info("dropped %d unflushed MQTT messages; the broker redelivers them", dropped)
 
-    def on_delivery(delivery: object) -> None:
-        intake(delivery)  # type: ignore[arg-type]
+    def on_delivery(delivery: Delivery) -> None:
+        intake(delivery)
         if writer.full:
             subscriber.pause()
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar
 
 import orjson
 from pydantic import (
@@ -57,6 +57,8 @@ class MeterReading(_Reading):
     voltage: StrictFloat = Field(ge=0, le=1000)
     timestamp: Timestamp
 
+    stream: ClassVar[Stream] = Stream.METER
+
     @property
     def device_id(self) -> str:
         return self.meter_id
@@ -70,6 +72,8 @@ class VehicleReading(_Reading):
     kwh_delivered_dc: Kwh = Field(alias="kwhDeliveredDc")
     battery_temp: StrictFloat = Field(alias="batteryTemp", ge=-50, le=120)
     timestamp: Timestamp
+
+    stream: ClassVar[Stream] = Stream.VEHICLE
 
     @property
     def device_id(self) -> str:
@@ -179,9 +183,8 @@ def parse_payload(
         decoded = orjson.loads(payload)
     except orjson.JSONDecodeError as error:
         return ParsedPayload([], [Rejected(None, (Problem("", f"not valid JSON: {error}"),))])
-    items: Sequence[Any]
-    single: Literal[True, False] = not isinstance(decoded, list)
-    items = [decoded] if single else decoded
+    single = not isinstance(decoded, list)
+    items: Sequence[Any] = [decoded] if single else decoded
     if not items:
         return ParsedPayload([], [Rejected(None, (Problem("", "empty array: no readings"),))])
     readings: list[Reading] = []

@@ -86,9 +86,8 @@ def settle(submissions: Sequence[Submission], inserted: dict[str, set[Key]]) -> 
     for submission in submissions:
         accepted = 0
         for reading in submission.readings:
-            stream, row = row_of(reading, submission.received_at)
-            keys = inserted.get(stream)
-            key = (row[0], row[1])
+            keys = inserted.get(reading.stream.value)
+            key = (reading.device_id, reading.timestamp)
             if keys is not None and key in keys:
                 keys.discard(key)  # a second copy in the same batch is a duplicate
                 accepted += 1

@@ -9,8 +9,6 @@ DatabaseFailure
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 
 _DATA_CLASSES = ("22", "23")
@@ -31,13 +29,15 @@ class DataFailure(DatabaseFailure):
 
 
 def classify(error: BaseException) -> DatabaseFailure:
-    """Map an exception raised while talking to PostgreSQL onto how to handle it."""
+    """Map an exception raised while talking to PostgreSQL onto how to handle it.
+
+    Anything that is not a refused row (connection lost, timeouts, server errors, and
+    surprises) is retried: holding on to readings is better than dropping them.
+    """
+    detail = f"{error.__class__.__name__}: {error}"
     if isinstance(error, asyncpg.PostgresError):
         sqlstate = getattr(error, "sqlstate", None) or ""
-        detail = f"{sqlstate} {error.__class__.__name__}: {error}"
+        detail = f"{sqlstate} {detail}"
         if sqlstate[:2] in _DATA_CLASSES:
             return DataFailure(detail)
-        return TransientFailure(detail)
-    if isinstance(error, OSError | asyncio.TimeoutError | asyncpg.InterfaceError | ConnectionError):
-        return TransientFailure(f"{error.__class__.__name__}: {error}")
-    return TransientFailure(f"{error.__class__.__name__}: {error}")
+    return TransientFailure(detail)

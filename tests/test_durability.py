@@ -15,7 +15,13 @@ import pytest
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
 from tests.conftest import fresh_database
 from tests.helpers import eventually, meter_json, minutes_ago
-from tests.services import DaemonProcess, Publisher, running_mosquitto
+from tests.services import (
+    DaemonProcess,
+    Publisher,
+    database_url,
+    running_mosquitto,
+    running_postgres,
+)
 
 # SOAK_SCALE=10 makes every stream here ten times longer.
 SCALE = int(os.environ.get("SOAK_SCALE", "1"))
@@ -131,3 +137,35 @@ async def test_backlog_queued_while_the_daemon_is_down_survives_a_broker_restart
         assert (await stored(url, prefix))[0] == len(messages)
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.mark.soak
+async def test_database_outage_holds_a_bounded_buffer_and_loses_nothing(
+    mosquitto: EmbeddedMosquitto,
+) -> None:
+    prefix = f"D{uuid.uuid4().hex[:6]}"
+    messages = stream_of_readings(prefix, per_meter=20 * SCALE)
+    with running_postgres() as pg:
+        url = database_url(pg, "energy")
+        daemon = DaemonProcess(
+            database_url=url, mqtt_url=mosquitto.url, buffer_max_readings=100
+        ).start()
+        try:
+            pg.stop()
+            publisher = Publisher(mosquitto.port)
+            publisher.publish_all([(topic, payload) for topic, payload, _ in messages])
+            publisher.close()
+            health = daemon.get("/health")
+            assert health.status_code == 503
+            body = health.json()
+            assert not body["database"]["ok"]
+            assert 0 < body["buffer"]["depth"] <= 100 + 1  # at most one message past the bound
+            pg.start()
+
+            async def all_stored() -> bool:
+                return (await stored(url, prefix))[0] >= len(messages)
+
+            await eventually(all_stored, timeout_s=90)
+            assert (await stored(url, prefix))[0] == len(messages)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
