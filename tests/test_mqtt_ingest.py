@@ -173,3 +173,39 @@ async def test_qos0_readings_are_accepted_too(
     meter = new_id("M")
     publisher.publish_all([(f"meters/{meter}/telemetry", meter_json(meter, minutes_ago(1)))], qos=0)
     await eventually(lambda: count(db, "meter_readings", "meter_id", meter))
+
+
+async def test_two_daemons_sharing_a_group_store_each_reading_once(
+    module_db: str, mosquitto: EmbeddedMosquitto, db: asyncpg.Connection
+) -> None:
+    replicas = [
+        DaemonProcess(database_url=module_db, mqtt_url=mosquitto.url, mqtt_shared_group="g1")
+        for _ in range(2)
+    ]
+    for replica in replicas:
+        replica.start()
+    try:
+        meters = [new_id("S") for _ in range(20)]
+        messages = [
+            (f"meters/{m}/telemetry", meter_json(m, minutes_ago(minute)))
+            for minute in range(1, 51)
+            for m in meters
+        ]
+        pub = Publisher(mosquitto.port)
+        pub.publish_all(messages)
+        pub.close()
+
+        async def all_stored() -> bool:
+            n = await db.fetchval(
+                "SELECT count(*) FROM meter_readings WHERE meter_id = ANY($1)", meters
+            )
+            return bool(n >= len(messages))
+
+        await eventually(all_stored)
+        n = await db.fetchval(
+            "SELECT count(*) FROM meter_readings WHERE meter_id = ANY($1)", meters
+        )
+        assert n == len(messages)
+    finally:
+        for replica in replicas:
+            assert replica.stop() == 0, replica.log()
