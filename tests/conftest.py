@@ -13,7 +13,7 @@ import pytest
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
 from db.migrate import migrate
 from db.partitions import upkeep
-from tests.services import database_url, running_mosquitto, running_postgres
+from tests.services import DaemonProcess, database_url, running_mosquitto, running_postgres
 
 TEMPLATE_DB = "energy_template"
 
@@ -61,3 +61,17 @@ async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(db_url)
     yield connection
     await connection.close()
+
+
+@pytest.fixture(scope="module")
+async def module_db(postgres: EmbeddedPostgres) -> str:
+    """One database for a test module that shares one daemon."""
+    return await fresh_database(postgres)
+
+
+@pytest.fixture(scope="module")
+def daemon(module_db: str, mosquitto: EmbeddedMosquitto) -> Iterator[DaemonProcess]:
+    """`energy-ingest run` as a child process on the module's database and the test broker."""
+    process = DaemonProcess(database_url=module_db, mqtt_url=mosquitto.url).start()
+    yield process
+    assert process.stop() == 0, process.log()

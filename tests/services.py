@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,7 @@ class Publisher:
     def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos)
 
-    def publish_all(self, messages: list[tuple[str, bytes | str]], qos: int = 1) -> None:
+    def publish_all(self, messages: Sequence[tuple[str, bytes | str]], qos: int = 1) -> None:
         infos = [self.publish(topic, payload, qos) for topic, payload in messages]
         for info in infos:
             info.wait_for_publish(timeout=30)

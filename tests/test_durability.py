@@ -73,6 +73,16 @@ async def stored(url: str, prefix: str) -> tuple[int, float]:
         await conn.close()
 
 
+async def wait_until_all_stored(url: str, prefix: str, expected: int) -> int:
+    """Wait for `expected` readings of `prefix`; returns how many are stored (more = bug)."""
+
+    async def enough() -> bool:
+        return (await stored(url, prefix))[0] >= expected
+
+    await eventually(enough, timeout_s=90)
+    return (await stored(url, prefix))[0]
+
+
 @pytest.mark.soak
 async def test_daemon_killed_mid_stream_loses_nothing(
     postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto
@@ -94,13 +104,8 @@ async def test_daemon_killed_mid_stream_loses_nothing(
         publisher.join(timeout=120)
         assert publisher.error is None and publisher.sent == len(messages)
 
-        async def all_stored() -> bool:
-            count, _ = await stored(url, prefix)
-            return count >= len(messages)
-
-        await eventually(all_stored, timeout_s=60)
-        count, kwh = await stored(url, prefix)
-        assert count == len(messages)
+        assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
+        _, kwh = await stored(url, prefix)
         assert kwh == pytest.approx(sum(k for _, _, k in messages), abs=1e-6)
     finally:
         assert daemon.stop() == 0, daemon.log()
@@ -128,13 +133,7 @@ async def test_backlog_queued_while_the_daemon_is_down_survives_a_broker_restart
     private_broker.start()
     daemon.start()
     try:
-
-        async def all_stored() -> bool:
-            count, _ = await stored(url, prefix)
-            return count >= len(messages)
-
-        await eventually(all_stored, timeout_s=60)
-        assert (await stored(url, prefix))[0] == len(messages)
+        assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
     finally:
         assert daemon.stop() == 0, daemon.log()
 
@@ -161,11 +160,6 @@ async def test_database_outage_holds_a_bounded_buffer_and_loses_nothing(
             assert not body["database"]["ok"]
             assert 0 < body["buffer"]["depth"] <= 100 + 1  # at most one message past the bound
             pg.start()
-
-            async def all_stored() -> bool:
-                return (await stored(url, prefix))[0] >= len(messages)
-
-            await eventually(all_stored, timeout_s=90)
-            assert (await stored(url, prefix))[0] == len(messages)
+            assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
         finally:
             assert daemon.stop() == 0, daemon.log()

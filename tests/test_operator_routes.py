@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres, free_port
-from tests.conftest import fresh_database
+from daemon.embedded import free_port
 from tests.services import DaemonProcess
-
-
-@pytest.fixture(scope="module")
-async def module_db(postgres: EmbeddedPostgres) -> str:
-    return await fresh_database(postgres)
-
-
-@pytest.fixture(scope="module")
-def daemon(module_db: str, mosquitto: EmbeddedMosquitto) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(database_url=module_db, mqtt_url=mosquitto.url).start()
-    yield process
-    assert process.stop() == 0, process.log()
 
 
 def test_health_reports_database_broker_and_buffer(daemon: DaemonProcess) -> None:
