@@ -1,19 +1,31 @@
-"""The Starlette application: routes, and errors that always answer JSON."""
+"""The Starlette application: routes from the table in `api.openapi`, the OpenAPI document,
+offline API docs, and errors that always answer JSON."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.routing import Route
+from starlette.responses import HTMLResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from api import operators
+from api.openapi import ENDPOINTS, openapi_document
 from api.responses import JSON, ApiError
 from daemon.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Energy Ingestion Engine — API</title>
+<link rel="stylesheet" href="/static/swagger-ui/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/static/swagger-ui/swagger-ui-bundle.js"></script>
+<script src="/static/docs.js"></script></body></html>"""
 
 
 async def _api_error(request: Request, exc: Exception) -> JSON:
@@ -32,11 +44,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSON:
 
 
 def create_app(runtime: Runtime) -> Starlette:
-    routes = [
-        Route("/health", operators.health, methods=["GET"]),
-        Route("/v1/status/meter/{device_id:str}", operators.meter_status, methods=["GET"]),
-        Route("/v1/status/vehicle/{device_id:str}", operators.vehicle_status, methods=["GET"]),
-        Route("/v1/rejections", operators.rejections, methods=["GET"]),
+    document = openapi_document(secured=bool(runtime.settings.api_keys))
+
+    async def openapi(request: Request) -> JSON:
+        return JSON(document)
+
+    async def docs(request: Request) -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE)
+
+    routes: list[Route | Mount] = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
+    routes += [
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(
         routes=routes,

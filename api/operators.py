@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
+from starlette.responses import Response
 
-from api.responses import JSON, ApiError, unavailable
+from api.auth import OPEN_NOTICE, require
+from api.database import connection
+from api.responses import JSON, ApiError
+from api.state import runtime_of
 from daemon.runtime import Runtime
 from db import reads
 
@@ -29,11 +34,6 @@ _JSON_NAMES = {
 }
 
 
-def runtime_of(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 async def health(request: Request) -> JSON:
     runtime = runtime_of(request)
     database = await _database_check(runtime)
@@ -47,6 +47,7 @@ async def health(request: Request) -> JSON:
             "depth": runtime.writer.depth,
             "max": runtime.settings.buffer_max_readings,
         },
+        "auth": "api keys required" if runtime.settings.api_keys else OPEN_NOTICE,
     }
     return JSON(body, status_code=200 if ready else 503)
 
@@ -61,27 +62,32 @@ async def _database_check(runtime: Runtime) -> dict[str, Any]:
     return {"ok": True, "detail": ""}
 
 
+async def metrics(request: Request) -> Response:
+    registry = runtime_of(request).writer.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@require("operator")
 async def meter_status(request: Request) -> JSON:
     return await _status(request, "meter")
 
 
+@require("operator")
 async def vehicle_status(request: Request) -> JSON:
     return await _status(request, "vehicle")
 
 
 async def _status(request: Request, stream: str) -> JSON:
-    device_id = request.path_params["device_id"]
+    device_id = request.path_params[f"{stream}Id"]
     runtime = runtime_of(request)
-    try:
-        async with runtime.pool.acquire() as conn:
-            row = await reads.latest_state(conn, stream, device_id)
-    except Exception as error:
-        raise unavailable(f"database unavailable: {error.__class__.__name__}") from error
+    async with connection(runtime) as conn:
+        row = await reads.latest_state(conn, stream, device_id)
     if row is None:
         raise ApiError(404, f"no {stream} {device_id!r} has reported yet")
     return JSON({_JSON_NAMES[column]: value for column, value in row.items()})
 
 
+@require("operator")
 async def rejections(request: Request) -> JSON:
     query = request.query_params
     limit = _int_param(query.get("limit"), "limit", REJECTIONS_DEFAULT_LIMIT)
@@ -92,11 +98,8 @@ async def rejections(request: Request) -> JSON:
     if source not in (None, "mqtt", "http"):
         raise ApiError(400, [{"field": "source", "message": "must be mqtt or http"}])
     runtime = runtime_of(request)
-    try:
-        async with runtime.pool.acquire() as conn:
-            rows = await reads.recent_rejections(conn, source=source, before_id=before, limit=limit)
-    except Exception as error:
-        raise unavailable(f"database unavailable: {error.__class__.__name__}") from error
+    async with connection(runtime) as conn:
+        rows = await reads.recent_rejections(conn, source=source, before_id=before, limit=limit)
     items = [
         {
             "id": r["id"],

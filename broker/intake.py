@@ -43,12 +43,16 @@ class MqttIntake:
         now = datetime.now(UTC)
         route = parse_topic(delivery.topic)
         if isinstance(route, str):
+            stream_name = "unknown"
             parsed = ParsedPayload([], [Rejected(None, (Problem("topic", route),))])
         else:
             stream, device_id = route
+            stream_name = stream.value
             parsed = parse_payload(
                 stream, delivery.payload, now=now, window=self._window, expected_id=device_id
             )
+        if parsed.rejected:
+            self._writer.metrics.rejected(stream_name, "mqtt", len(parsed.rejected))
         rejections = [
             RejectionRow(
                 received_at=now,

@@ -25,6 +25,7 @@ from broker.subscriber import Delivery, MqttSubscriber
 from broker.topics import subscriptions
 from daemon.config import MqttEndpoint, Settings
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.metrics import Metrics
 from daemon.readings import TimeWindow
 from daemon.runtime import BrokerStatus, Runtime
 from daemon.writer import Submission, Writer
@@ -127,11 +128,13 @@ async def _run_daemon(
         retention=timedelta(days=settings.retention_days),
         future_skew=timedelta(seconds=settings.future_skew_s),
     )
+    metrics = Metrics()
     writer = Writer(
         pool,
         flush_max_readings=settings.flush_max_readings,
         flush_interval_s=settings.flush_interval_s,
         buffer_max_readings=settings.buffer_max_readings,
+        metrics=metrics,
     )
     endpoint = MqttEndpoint(urls.mqtt_url)
 
@@ -171,6 +174,13 @@ async def _run_daemon(
         payload_max_bytes=settings.rejection_payload_max_bytes,
     )
     writer.room_listeners.append(subscriber.resume)
+    metrics.broker_connected.set_function(lambda: 1 if subscriber.connected else 0)
+    if not settings.api_keys:
+        log.warning(
+            "HTTP API is OPEN: no API keys configured; anyone who can reach port %d "
+            "may ingest and read. Set INGEST_API_KEYS and OPERATOR_API_KEYS.",
+            settings.http_port,
+        )
     runtime = Runtime(
         settings=settings,
         pool=pool,

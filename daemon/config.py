@@ -53,6 +53,15 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_batch_readings: int = Field(default=10_000, ge=1)
+    http_commit_timeout_s: float = Field(default=10.0, gt=0)
+    ingest_api_keys: str = Field(default="", description="comma-separated bearer keys")
+    operator_api_keys: str = Field(default="", description="comma-separated bearer keys")
+
+    alert_efficiency_threshold: float = Field(default=0.85, ge=0)
+    analytics_default_window_h: int = Field(default=24, ge=1)
+    analytics_max_window_days: int = Field(default=31, ge=1)
 
     var_dir: Path = Path("var")
     embedded_pg_port: int = Field(default=5433, ge=0, le=65535)
@@ -69,6 +78,18 @@ class Settings(BaseSettings):
     @property
     def flush_interval_s(self) -> float:
         return self.flush_interval_ms / 1000.0
+
+    @property
+    def api_keys(self) -> dict[str, frozenset[str]]:
+        """Bearer key → its roles; empty when the API is open (the demo default)."""
+        roles: dict[str, set[str]] = {}
+        for role, listed in (
+            ("ingest", self.ingest_api_keys),
+            ("operator", self.operator_api_keys),
+        ):
+            for key in filter(None, (k.strip() for k in listed.split(","))):
+                roles.setdefault(key, set()).add(role)
+        return {key: frozenset(r) for key, r in roles.items()}
 
 
 class MqttEndpoint:

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
 
+from daemon.metrics import Metrics
 from daemon.readings import MeterReading, Reading, Stream
 from db.errors import DatabaseFailure, DataFailure, classify
 from db.writes import FlushBatch, Key, RejectionRow, Row, flush_batch
@@ -81,18 +82,32 @@ def batch_of(submissions: Sequence[Submission]) -> FlushBatch:
     return batch
 
 
-def settle(submissions: Sequence[Submission], inserted: dict[str, set[Key]]) -> None:
+def settle(
+    submissions: Sequence[Submission], inserted: dict[str, set[Key]], metrics: Metrics
+) -> None:
     """Tell each submission how many of its readings were new and how many duplicates."""
+    committed_at = datetime.now(UTC)
+    counts: Counter[tuple[str, str, str]] = Counter()
+    reading_lag = metrics.lag_seconds.labels("reading")
     for submission in submissions:
         accepted = 0
         for reading in submission.readings:
-            keys = inserted.get(reading.stream.value)
+            stream = reading.stream.value
+            keys = inserted.get(stream)
             key = (reading.device_id, reading.timestamp)
             if keys is not None and key in keys:
                 keys.discard(key)  # a second copy in the same batch is a duplicate
                 accepted += 1
-        outcome = Outcome(accepted, len(submission.readings) - accepted)
-        _notify(submission, outcome)
+                counts["accepted", stream, submission.transport] += 1
+                reading_lag.observe((committed_at - reading.timestamp).total_seconds())
+            else:
+                counts["duplicate", stream, submission.transport] += 1
+        if submission.readings:
+            lag = (committed_at - submission.received_at).total_seconds()
+            metrics.lag_seconds.labels("receive").observe(lag)
+        _notify(submission, Outcome(accepted, len(submission.readings) - accepted))
+    for (outcome, stream, transport), n in counts.items():
+        metrics.readings.labels(outcome, stream, transport).inc(n)
 
 
 def _notify(submission: Submission, outcome: Outcome) -> None:
@@ -110,6 +125,7 @@ class Writer:
         flush_max_readings: int,
         flush_interval_s: float,
         buffer_max_readings: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
         self._flush_max = flush_max_readings
@@ -122,7 +138,10 @@ class Writer:
         self._work = asyncio.Event()
         self._enough = asyncio.Event()
         self._stopping = False
-        self.database_ok = False
+        # Optimistic until a flush fails: HTTP answers 503 at once while this is False.
+        self.database_ok = True
+        self.metrics = metrics or Metrics()
+        self.metrics.buffer_depth.set_function(lambda: self.depth)
         self.room_listeners: list[Callable[[], None]] = []
 
     @property
@@ -155,14 +174,30 @@ class Writer:
         return dropped
 
     async def write(
-        self, readings: Sequence[Reading], rejections: Sequence[RejectionRow], *, transport: str
+        self,
+        readings: Sequence[Reading],
+        rejections: Sequence[RejectionRow],
+        *,
+        transport: str,
+        timeout_s: float | None = None,
     ) -> Outcome:
-        """Submit and wait for the commit (HTTP). Raises Overloaded when the buffer is full."""
+        """Submit and wait for the commit (HTTP).
+
+        Raises Overloaded at once when the buffer is full or the database is known to be
+        down, and when the commit takes longer than `timeout_s`: a caller is never left
+        hanging. What was submitted stays in the buffer and is still written; a retry is a
+        duplicate, and duplicates are absorbed.
+        """
         if self.full:
-            raise Overloaded(f"buffer holds {self.depth} readings")
+            raise Overloaded(f"the buffer holds {self.depth} readings")
+        if not self.database_ok:
+            raise Overloaded("the database is unreachable")
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.submit(Submission(readings, rejections, lambda o: _resolve(done, o), transport))
-        return await done
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), timeout_s)
+        except TimeoutError:
+            raise Overloaded(f"no commit within {timeout_s} s") from None
 
     async def run(self) -> None:
         """Flush until stopped; on stop, flush what is left (while the database answers)."""
@@ -223,7 +258,8 @@ class Writer:
                 await self._isolate(submissions, failure)
                 return
             except DatabaseFailure as failure:
-                self.database_ok = False
+                self._set_database_ok(False)
+                self.metrics.flush_failures.inc()
                 log.warning(
                     "flush of %d submissions failed, retrying in %.1f s: %s",
                     len(submissions),
@@ -233,16 +269,24 @@ class Writer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
-            self.database_ok = True
-            settle(submissions, inserted)
+            self._set_database_ok(True)
+            settle(submissions, inserted, self.metrics)
             return
 
+    def _set_database_ok(self, ok: bool) -> None:
+        self.database_ok = ok
+        self.metrics.database_up.set(1 if ok else 0)
+
     async def _transaction(self, batch: FlushBatch) -> dict[str, set[Key]]:
+        started = time.perf_counter()
         try:
             async with self._pool.acquire() as conn:
-                return await flush_batch(conn, batch)
+                inserted = await flush_batch(conn, batch)
         except Exception as error:
             raise classify(error) from error
+        self.metrics.flush_seconds.observe(time.perf_counter() - started)
+        self.metrics.flush_size.observe(sum(len(rows) for rows in batch.rows.values()))
+        return inserted
 
     async def _isolate(self, submissions: list[Submission], failure: DataFailure) -> None:
         """The database refused a row: split until the refused readings stand alone."""

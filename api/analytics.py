@@ -1,0 +1,98 @@
+"""Per-vehicle charging efficiency (SPEC §6)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from starlette.requests import Request
+
+from api.auth import require
+from api.body import problem
+from api.database import connection
+from api.responses import JSON, ApiError
+from api.state import runtime_of
+from daemon.config import Settings
+from db import analytics
+
+KWH_DECIMALS = 6
+RATIO_DECIMALS = 4
+
+
+def _instant(raw: str, name: str) -> datetime:
+    # A '+' of an offset arrives as a space when the client did not URL-encode it.
+    text = raw.strip().replace(" ", "+")
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ApiError(
+            400, [problem(name, "must be ISO 8601, e.g. 2026-01-01T00:00:00Z")]
+        ) from None
+    if value.tzinfo is None:
+        raise ApiError(400, [problem(name, "needs an offset (Z or +hh:mm)")])
+    return value
+
+
+def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]:
+    """startTime/endTime, defaulting to the last ANALYTICS_DEFAULT_WINDOW_H hours."""
+    default = timedelta(hours=settings.analytics_default_window_h)
+    raw_start = request.query_params.get("startTime")
+    raw_end = request.query_params.get("endTime")
+    end = _instant(raw_end, "endTime") if raw_end else None
+    start = _instant(raw_start, "startTime") if raw_start else None
+    if end is None:
+        end = datetime.now(UTC) if start is None else min(start + default, datetime.now(UTC))
+    if start is None:
+        start = end - default
+    if start >= end:
+        raise ApiError(400, [problem("startTime", "must be before endTime")])
+    longest = timedelta(days=settings.analytics_max_window_days)
+    if end - start > longest:
+        raise ApiError(
+            400,
+            [
+                problem(
+                    "endTime", f"window longer than {longest.days} days (ANALYTICS_MAX_WINDOW_DAYS)"
+                )
+            ],
+        )
+    return start, end
+
+
+@require("operator")
+async def performance(request: Request) -> JSON:
+    runtime = runtime_of(request)
+    vehicle_id = request.path_params["vehicleId"]
+    start, end = window_of(request, runtime.settings)
+    async with connection(runtime) as conn:
+        if not await analytics.vehicle_known(conn, vehicle_id):
+            raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
+        totals = await analytics.vehicle_window(conn, vehicle_id, start, end)
+    threshold = runtime.settings.alert_efficiency_threshold
+    ac = round(totals.ac_kwh, KWH_DECIMALS)
+    ratio = round(totals.dc_kwh / totals.ac_kwh, RATIO_DECIMALS) if totals.ac_kwh > 0 else None
+    return JSON(
+        {
+            "vehicleId": vehicle_id,
+            "window": {"startTime": start, "endTime": end},
+            "totalAcConsumedKwh": ac,
+            "totalDcDeliveredKwh": round(totals.dc_kwh, KWH_DECIMALS),
+            "efficiencyRatio": ratio,
+            "avgBatteryTemp": (
+                round(totals.avg_battery_temp, 3) if totals.avg_battery_temp is not None else None
+            ),
+            "readings": {
+                "meter": sum(m.readings for m in totals.meters),
+                "vehicle": totals.vehicle_readings,
+            },
+            "meters": [
+                {
+                    "meterId": m.meter_id,
+                    "acConsumedKwh": round(m.ac_kwh, KWH_DECIMALS),
+                    "readings": m.readings,
+                }
+                for m in totals.meters
+            ],
+            "alert": ratio is not None and ratio < threshold,
+            "alertThreshold": threshold,
+        }
+    )

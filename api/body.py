@@ -1,0 +1,42 @@
+"""Request bodies: bounded before they are read whole, then decoded as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from api.responses import ApiError
+
+
+def problem(field: str, message: str) -> dict[str, str]:
+    return {"field": field, "message": message}
+
+
+async def read_json(request: Request, *, max_bytes: int) -> Any:
+    """The decoded JSON body; 413 past `max_bytes` (declared or streamed), 400 if malformed."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, [problem("", "Content-Length is not a number")])
+        if int(declared) > max_bytes:
+            raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise ApiError(400, [problem("", "empty body: expected JSON")])
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, [problem("", f"malformed JSON: {error}")]) from None
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, [problem("", f"body larger than {max_bytes} bytes (MAX_BODY_BYTES)")])

@@ -1,0 +1,164 @@
+"""Ingestion routes (SPEC §4), compatible with the firmware already in the field.
+
+Every route goes through the same validation (`daemon.readings`) and the same buffer and
+transactional flush as MQTT (`daemon.writer`); a 201 is sent only after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from api.auth import require
+from api.body import problem, read_json
+from api.responses import JSON, ApiError, unavailable
+from api.state import runtime_of
+from daemon.readings import ID_FIELDS, Problem, Reading, Rejected, Stream, validate_reading
+from daemon.runtime import Runtime
+from daemon.writer import Outcome, Overloaded, Submission
+from db.writes import RejectionRow
+
+RETRY_AFTER_S = 2
+
+
+def _route(request: Request) -> str:
+    return f"{request.method} {request.url.path}"
+
+
+def _problems(rejected: Rejected) -> list[dict[str, str]]:
+    return [problem(p.field, p.message) for p in rejected.problems]
+
+
+def _rejection_row(runtime: Runtime, request: Request, item: Any, reason: str) -> RejectionRow:
+    limit = runtime.settings.rejection_payload_max_bytes
+    payload = orjson.dumps(item).decode()
+    return RejectionRow(
+        received_at=datetime.now(UTC),
+        source="http",
+        topic_or_route=_route(request),
+        payload=payload[:limit] + ("…" if len(payload) > limit else ""),
+        reason=reason,
+    )
+
+
+def stream_of(item: Any) -> Stream | Rejected:
+    """For the polymorphic routes: a meter reading carries meterId, a vehicle's vehicleId."""
+    if isinstance(item, dict):
+        kinds = [stream for stream, field in ID_FIELDS.items() if field in item]
+        if len(kinds) == 1:
+            return kinds[0]
+    return Rejected(None, (Problem("", "a reading carries exactly one of meterId, vehicleId"),))
+
+
+async def _commit(
+    runtime: Runtime, readings: Sequence[Reading], rejections: Sequence[RejectionRow]
+) -> Outcome:
+    try:
+        return await runtime.writer.write(
+            readings, rejections, transport="http", timeout_s=runtime.settings.http_commit_timeout_s
+        )
+    except Overloaded as error:
+        raise unavailable(f"not stored, try again: {error}", RETRY_AFTER_S) from None
+
+
+def _record_rejection(runtime: Runtime, row: RejectionRow) -> None:
+    """Keep the rejection for GET /v1/rejections without making the caller wait for it."""
+    # Refused only while shutting down; the caller still gets its 422.
+    with contextlib.suppress(Overloaded):
+        runtime.writer.submit(Submission([], [row], lambda _: None, "http"))
+
+
+async def _single(request: Request, stream: Stream | None) -> JSON:
+    runtime = runtime_of(request)
+    item = await read_json(request, max_bytes=runtime.settings.max_body_bytes)
+    kind = stream if stream is not None else stream_of(item)
+    result: Reading | Rejected = (
+        kind
+        if isinstance(kind, Rejected)
+        else validate_reading(kind, item, now=datetime.now(UTC), window=runtime.window)
+    )
+    if isinstance(result, Rejected):
+        runtime.writer.metrics.rejected(
+            kind.value if isinstance(kind, Stream) else "unknown", "http"
+        )
+        _record_rejection(runtime, _rejection_row(runtime, request, item, result.reason))
+        raise ApiError(422, _problems(result))
+    outcome = await _commit(runtime, [result], [])
+    if outcome.refused_by_database:
+        reason = f"refused by the database: {outcome.refused_by_database[0]}"
+        raise ApiError(422, [problem("", reason)])
+    body = {
+        "status": "accepted" if outcome.accepted else "duplicate",
+        "stream": result.stream.value,
+        "deviceId": result.device_id,
+        "timestamp": result.timestamp,
+    }
+    return JSON(body, status_code=201)
+
+
+async def _batch(request: Request, stream: Stream) -> JSON:
+    runtime = runtime_of(request)
+    body = await read_json(request, max_bytes=runtime.settings.max_body_bytes)
+    items = body.get("readings") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise ApiError(422, [problem("readings", 'expected {"readings": [ ... ]}')])
+    limit = runtime.settings.max_batch_readings
+    if len(items) > limit:
+        raise ApiError(
+            413,
+            [problem("readings", f"{len(items)} readings; at most {limit} (MAX_BATCH_READINGS)")],
+        )
+    now = datetime.now(UTC)
+    readings: list[Reading] = []
+    rejected: list[Rejected] = []
+    rows: list[RejectionRow] = []
+    for index, item in enumerate(items):
+        result = validate_reading(stream, item, now=now, window=runtime.window, index=index)
+        if isinstance(result, Rejected):
+            rejected.append(result)
+            rows.append(_rejection_row(runtime, request, item, result.reason))
+        else:
+            readings.append(result)
+    if rejected:
+        runtime.writer.metrics.rejected(stream.value, "http", len(rejected))
+    outcome = await _commit(runtime, readings, rows)
+    refused = len(outcome.refused_by_database)
+    return JSON(
+        {
+            "accepted": outcome.accepted,
+            "duplicates": outcome.duplicates,
+            "rejected": len(rejected) + refused,
+            "rejections": [{"index": r.index, "problems": _problems(r)} for r in rejected],
+        },
+        status_code=201,
+    )
+
+
+@require("ingest")
+async def meter_reading(request: Request) -> JSON:
+    return await _single(request, Stream.METER)
+
+
+@require("ingest")
+async def vehicle_reading(request: Request) -> JSON:
+    return await _single(request, Stream.VEHICLE)
+
+
+@require("ingest")
+async def any_reading(request: Request) -> JSON:
+    return await _single(request, None)
+
+
+@require("ingest")
+async def meter_batch(request: Request) -> JSON:
+    return await _batch(request, Stream.METER)
+
+
+@require("ingest")
+async def vehicle_batch(request: Request) -> JSON:
+    return await _batch(request, Stream.VEHICLE)

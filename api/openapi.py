@@ -1,0 +1,339 @@
+"""The route table, and the OpenAPI document generated from it and the pydantic models.
+
+Every route is declared once here, with its handler, its body and its answers; the app's
+routing and /openapi.json both come from this table, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from api import analytics, ingestion, links, operators
+from api.auth import Handler
+from api.schemas import (
+    BatchResult,
+    ErrorBody,
+    Health,
+    LinkRequest,
+    LinkResult,
+    MeterBatch,
+    MeterStatus,
+    Performance,
+    RejectionPage,
+    StoredReading,
+    VehicleBatch,
+    VehicleStatus,
+)
+from daemon.readings import MeterReading, VehicleReading
+
+API_VERSION = "1.0.0"
+REF = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    name: str
+    description: str
+    type: str = "string"
+    format: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    body: tuple[type[BaseModel], ...] = ()
+    ok: tuple[int, type[BaseModel] | None] = (200, None)
+    errors: tuple[int, ...] = ()
+    query: tuple[Query, ...] = field(default=())
+    media_type: str = "application/json"
+
+
+WINDOW = (
+    Query(
+        "startTime",
+        "window start, ISO 8601 with offset (default: endTime - 24 h)",
+        format="date-time",
+    ),
+    Query("endTime", "window end, ISO 8601 with offset (default: now)", format="date-time"),
+)
+SINGLE_ERRORS = (400, 413, 422, 503)
+_both = (MeterReading, VehicleReading)
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "POST",
+        "/v1/ingestion/meter",
+        ingestion.meter_reading,
+        "Store one meter reading",
+        "ingestion",
+        (MeterReading,),
+        (201, StoredReading),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/ingestion/vehicle",
+        ingestion.vehicle_reading,
+        "Store one vehicle reading",
+        "ingestion",
+        (VehicleReading,),
+        (201, StoredReading),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/ingestion/meter/batch",
+        ingestion.meter_batch,
+        "Store a batch of meter readings",
+        "ingestion",
+        (MeterBatch,),
+        (201, BatchResult),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/ingestion/vehicle/batch",
+        ingestion.vehicle_batch,
+        "Store a batch of vehicle readings",
+        "ingestion",
+        (VehicleBatch,),
+        (201, BatchResult),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/ingestion",
+        ingestion.any_reading,
+        "Store one reading of either kind (told apart by meterId / vehicleId)",
+        "ingestion",
+        _both,
+        (201, StoredReading),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/ingest",
+        ingestion.any_reading,
+        "Store one reading of either kind (alias of POST /v1/ingestion)",
+        "ingestion",
+        _both,
+        (201, StoredReading),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/telemetry/meter",
+        ingestion.meter_reading,
+        "Store one meter reading (alias)",
+        "ingestion",
+        (MeterReading,),
+        (201, StoredReading),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/telemetry/vehicle",
+        ingestion.vehicle_reading,
+        "Store one vehicle reading (alias)",
+        "ingestion",
+        (VehicleReading,),
+        (201, StoredReading),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/ingestion/mapping",
+        links.link_vehicle,
+        "Link a vehicle to the meter it charges on, from now (200 when unchanged)",
+        "sessions",
+        (LinkRequest,),
+        (201, LinkResult),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "PUT",
+        "/v1/links",
+        links.link_vehicle,
+        "Link a vehicle to the meter it charges on (alias; 200 when unchanged)",
+        "sessions",
+        (LinkRequest,),
+        (201, LinkResult),
+        SINGLE_ERRORS,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/analytics/performance/{vehicleId}",
+        analytics.performance,
+        "Charging efficiency of a vehicle over a window",
+        "analytics",
+        ok=(200, Performance),
+        errors=(400, 404, 503),
+        query=WINDOW,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/status/meter/{meterId}",
+        operators.meter_status,
+        "Latest reading of a meter",
+        "status",
+        ok=(200, MeterStatus),
+        errors=(404, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/status/vehicle/{vehicleId}",
+        operators.vehicle_status,
+        "Latest reading of a vehicle",
+        "status",
+        ok=(200, VehicleStatus),
+        errors=(404, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/rejections",
+        operators.rejections,
+        "Rejected messages and readings, newest first",
+        "status",
+        ok=(200, RejectionPage),
+        errors=(400, 503),
+        query=(
+            Query("limit", "page size, 1 to 1000 (default 100)", "integer"),
+            Query("source", "mqtt or http"),
+            Query("before", "only rejections with an id below this", "integer"),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/health",
+        operators.health,
+        "Liveness and readiness: database and broker (503 when either is down)",
+        "status",
+        ok=(200, Health),
+        errors=(503,),
+    ),
+    Endpoint(
+        "GET",
+        "/metrics",
+        operators.metrics,
+        "Prometheus metrics",
+        "status",
+        media_type="text/plain",
+    ),
+)
+
+ERROR_TEXT = {
+    400: "malformed request (JSON, parameters)",
+    401: "missing or unknown API key",
+    403: "the API key lacks the role",
+    404: "not found",
+    413: "body or batch too large",
+    422: "a field is invalid; each problem names its field",
+    503: "overloaded or database unavailable; retry after Retry-After seconds",
+}
+
+
+def _components() -> dict[str, Any]:
+    models: set[type[BaseModel]] = {ErrorBody}
+    for endpoint in ENDPOINTS:
+        models.update(endpoint.body)
+        if endpoint.ok[1] is not None:
+            models.add(endpoint.ok[1])
+    _, schema = models_json_schema(
+        [(model, "validation") for model in sorted(models, key=lambda m: m.__name__)],
+        by_alias=True,
+        ref_template=REF,
+    )
+    defs: dict[str, Any] = schema.get("$defs", {})
+    return defs
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _operation(endpoint: Endpoint, secured: bool) -> dict[str, Any]:
+    role = getattr(endpoint.handler, "required_role", None)
+    operation: dict[str, Any] = {
+        "summary": endpoint.summary,
+        "tags": [endpoint.tag],
+        "operationId": f"{endpoint.method.lower()}{endpoint.path.replace('/', '_')}".replace(
+            "{", ""
+        ).replace("}", ""),
+    }
+    params = [
+        {"name": name[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in endpoint.path.split("/")
+        if name.startswith("{")
+    ]
+    for q in endpoint.query:
+        schema: dict[str, str] = {"type": q.type}
+        if q.format:
+            schema["format"] = q.format
+        params.append(
+            {
+                "name": q.name,
+                "in": "query",
+                "required": False,
+                "description": q.description,
+                "schema": schema,
+            }
+        )
+    if params:
+        operation["parameters"] = params
+    if endpoint.body:
+        schema_of_body = (
+            _ref(endpoint.body[0])
+            if len(endpoint.body) == 1
+            else {"oneOf": [_ref(m) for m in endpoint.body]}
+        )
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schema_of_body}},
+        }
+    code, model = endpoint.ok
+    ok: dict[str, Any] = {"description": "OK" if code == 200 else "Stored (committed)"}
+    if model is not None:
+        ok["content"] = {"application/json": {"schema": _ref(model)}}
+    else:
+        ok["content"] = {endpoint.media_type: {"schema": {"type": "string"}}}
+    responses: dict[str, Any] = {str(code): ok}
+    errors = set(endpoint.errors)
+    if role is not None and secured:
+        errors |= {401, 403}
+        operation["security"] = [{"bearer": []}]
+        operation["description"] = f"Needs an API key with the `{role}` role when keys are set."
+    for status in sorted(errors):
+        responses[str(status)] = {
+            "description": ERROR_TEXT[status],
+            "content": {"application/json": {"schema": _ref(ErrorBody)}},
+        }
+    operation["responses"] = responses
+    return operation
+
+
+def openapi_document(*, secured: bool) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in ENDPOINTS:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, secured)
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Energy Ingestion Engine",
+            "version": API_VERSION,
+            "description": "Telemetry ingestion for smart meters and EV chargers, and "
+            "charging-efficiency analytics.",
+        },
+        "paths": paths,
+        "components": {"schemas": _components()},
+    }
+    if secured:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return document

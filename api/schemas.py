@@ -1,0 +1,149 @@
+"""Bodies the HTTP API takes and gives, as pydantic models: the OpenAPI document is generated
+from these (and from the reading models of `daemon.readings`), never written by hand."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from daemon.readings import DeviceId, MeterReading, VehicleReading
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ProblemBody(_Body):
+    field: str = Field(description="JSON name of the field at fault ('' for the whole body)")
+    message: str
+
+
+class ErrorBody(_Body):
+    detail: str | list[ProblemBody]
+
+
+class MeterBatch(_Body):
+    readings: list[MeterReading]
+
+
+class VehicleBatch(_Body):
+    readings: list[VehicleReading]
+
+
+class LinkRequest(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    vehicle_id: DeviceId = Field(alias="vehicleId")
+    meter_id: DeviceId = Field(alias="meterId")
+
+
+class StoredReading(_Body):
+    status: str = Field(description="accepted, or duplicate when this reading was already stored")
+    stream: str
+    device_id: str = Field(alias="deviceId")
+    timestamp: datetime
+
+
+class BatchRejection(_Body):
+    index: int
+    problems: list[ProblemBody]
+
+
+class BatchResult(_Body):
+    accepted: int
+    duplicates: int
+    rejected: int
+    rejections: list[BatchRejection]
+
+
+class Session(_Body):
+    vehicle_id: str = Field(alias="vehicleId")
+    meter_id: str = Field(alias="meterId")
+    started_at: datetime = Field(alias="startedAt")
+    ended_at: datetime | None = Field(alias="endedAt")
+
+
+class LinkResult(_Body):
+    changed: bool = Field(description="false when the vehicle was already on this meter")
+    session: Session
+    previous: Session | None = Field(description="the session this link ended, if any")
+
+
+class Window(_Body):
+    start_time: datetime = Field(alias="startTime")
+    end_time: datetime = Field(alias="endTime")
+
+
+class MeterShare(_Body):
+    meter_id: str = Field(alias="meterId")
+    ac_consumed_kwh: float = Field(alias="acConsumedKwh")
+    readings: int
+
+
+class ReadingCounts(_Body):
+    meter: int
+    vehicle: int
+
+
+class Performance(_Body):
+    vehicle_id: str = Field(alias="vehicleId")
+    window: Window
+    total_ac_consumed_kwh: float = Field(alias="totalAcConsumedKwh")
+    total_dc_delivered_kwh: float = Field(alias="totalDcDeliveredKwh")
+    efficiency_ratio: float | None = Field(
+        alias="efficiencyRatio", description="DC / AC; null when no AC energy was measured"
+    )
+    avg_battery_temp: float | None = Field(alias="avgBatteryTemp")
+    readings: ReadingCounts
+    meters: list[MeterShare]
+    alert: bool = Field(description="efficiencyRatio is below alertThreshold")
+    alert_threshold: float = Field(alias="alertThreshold")
+
+
+class MeterStatus(_Body):
+    meter_id: str = Field(alias="meterId")
+    timestamp: datetime
+    kwh_consumed_ac: float = Field(alias="kwhConsumedAc")
+    voltage: float
+    received_at: datetime = Field(alias="receivedAt")
+
+
+class VehicleStatus(_Body):
+    vehicle_id: str = Field(alias="vehicleId")
+    timestamp: datetime
+    soc: float
+    kwh_delivered_dc: float = Field(alias="kwhDeliveredDc")
+    battery_temp: float = Field(alias="batteryTemp")
+    received_at: datetime = Field(alias="receivedAt")
+
+
+class RejectionItem(_Body):
+    id: int
+    received_at: datetime = Field(alias="receivedAt")
+    source: str
+    topic_or_route: str = Field(alias="topicOrRoute")
+    payload: str
+    reason: str
+
+
+class RejectionPage(_Body):
+    rejections: list[RejectionItem]
+    next: int | None = Field(description="pass as `before` for the next (older) page")
+
+
+class Check(_Body):
+    ok: bool
+    detail: str
+
+
+class BufferState(_Body):
+    depth: int
+    max: int
+
+
+class Health(_Body):
+    status: str
+    database: Check
+    broker: Check
+    buffer: BufferState
+    auth: str
