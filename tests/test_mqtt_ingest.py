@@ -39,6 +39,15 @@ async def count(db: asyncpg.Connection, table: str, column: str, device: str) ->
     return value
 
 
+def mqtt_count(daemon: DaemonProcess, outcome: str) -> float:
+    """A daemon's counter of meter readings over MQTT with this outcome, from /metrics."""
+    prefix = f'energy_ingest_readings_total{{outcome="{outcome}",stream="meter",transport="mqtt"}}'
+    for line in daemon.get("/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
 async def rejections_for(db: asyncpg.Connection, topic: str) -> list[str]:
     rows = await db.fetch("SELECT reason FROM rejections WHERE topic_or_route = $1", topic)
     return [r["reason"] for r in rows]
@@ -194,6 +203,10 @@ async def test_two_daemons_sharing_a_group_store_each_reading_once(
             "SELECT count(*) FROM meter_readings WHERE meter_id = ANY($1)", meters
         )
         assert n == len(messages)
+        # Each message went to one replica only: both worked, and nobody saw a duplicate.
+        accepted = [mqtt_count(r, "accepted") for r in replicas]
+        assert all(a > 0 for a in accepted) and sum(accepted) == len(messages), accepted
+        assert sum(mqtt_count(r, "duplicate") for r in replicas) == 0
     finally:
         for replica in replicas:
             assert replica.stop() == 0, replica.log()

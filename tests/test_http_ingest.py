@@ -1,0 +1,234 @@
+"""Ingestion over HTTP with the exact bodies firmware in the field sends (SPEC §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from daemon.embedded import EmbeddedMosquitto
+from tests.helpers import eventually, iso, meter_json, minutes_ago, vehicle_json
+from tests.services import DaemonProcess, Publisher, database_url, running_postgres
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def post(daemon: DaemonProcess, path: str, body: Any, method: str = "POST") -> httpx.Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.request(method, daemon.base_url + path, content=content, timeout=15)
+
+
+def meter_body(meter: str, minutes: float = 1, **changes: Any) -> dict[str, Any]:
+    return {**orjson.loads(meter_json(meter, minutes_ago(minutes))), **changes}
+
+
+def vehicle_body(vehicle: str, minutes: float = 1, **changes: Any) -> dict[str, Any]:
+    return {**orjson.loads(vehicle_json(vehicle, minutes_ago(minutes))), **changes}
+
+
+@pytest.fixture
+async def db(module_db: str) -> Any:
+    conn = await asyncpg.connect(module_db)
+    yield conn
+    await conn.close()
+
+
+async def stored(db: asyncpg.Connection, table: str, column: str, device: str) -> int:
+    value: int = await db.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", device)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/v1/ingestion/meter", "meter"),
+        ("/v1/telemetry/meter", "meter"),
+        ("/v1/ingestion", "meter"),
+        ("/v1/ingest", "meter"),
+        ("/v1/ingestion/vehicle", "vehicle"),
+        ("/v1/telemetry/vehicle", "vehicle"),
+        ("/v1/ingestion", "vehicle"),
+        ("/v1/ingest", "vehicle"),
+    ],
+)
+async def test_single_reading_routes_store_and_answer_201_after_commit(
+    daemon: DaemonProcess, db: asyncpg.Connection, path: str, kind: str
+) -> None:
+    device = new_id(kind[0].upper())
+    body = meter_body(device) if kind == "meter" else vehicle_body(device)
+    response = post(daemon, path, body)
+    assert response.status_code == 201, response.text
+    answer = response.json()
+    assert answer["status"] == "accepted" and answer["deviceId"] == device
+    # 201 means committed: the row is there the moment the answer arrives.
+    assert await stored(db, f"{kind}_readings", f"{kind}_id", device) == 1
+    again = post(daemon, path, body)
+    assert again.status_code == 201 and again.json()["status"] == "duplicate"
+    assert await stored(db, f"{kind}_readings", f"{kind}_id", device) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [("/v1/ingestion/meter/batch", "meter"), ("/v1/ingestion/vehicle/batch", "vehicle")],
+)
+async def test_batch_counts_accepted_duplicates_and_rejected_with_reasons(
+    daemon: DaemonProcess, db: asyncpg.Connection, path: str, kind: str
+) -> None:
+    device = new_id(kind[0].upper())
+    make = meter_body if kind == "meter" else vehicle_body
+    first = make(device, 3)
+    post(daemon, path, {"readings": [first]})
+    bad_field = "voltage" if kind == "meter" else "soc"
+    readings = [first, make(device, 2), make(device, 1, **{bad_field: 5000}), make(device, 0.5)]
+    response = post(daemon, path, {"readings": readings})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 1, 1)
+    assert body["rejections"][0]["index"] == 2
+    assert body["rejections"][0]["problems"][0]["field"] == bad_field
+    assert await stored(db, f"{kind}_readings", f"{kind}_id", device) == 3
+
+
+async def test_rejected_http_readings_are_listed_with_mqtt_ones(daemon: DaemonProcess) -> None:
+    meter = new_id("M")
+    response = post(daemon, "/v1/ingestion/meter", meter_body(meter, voltage=-1))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"field": "voltage", "message": "Input should be greater than or equal to 0"}
+    ]
+
+    async def listed() -> list[dict[str, Any]]:
+        page = (await asyncio.to_thread(daemon.get, "/v1/rejections", source="http")).json()
+        return [r for r in page["rejections"] if meter in r["payload"]]
+
+    rows = await eventually(listed)
+    assert rows[0]["topicOrRoute"] == "POST /v1/ingestion/meter"
+    assert "voltage" in rows[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/v1/ingestion/meter", b'{"meterId": ', 400, ""),
+        ("/v1/ingestion/meter", b"", 400, ""),
+        ("/v1/ingestion/meter", b"[1, 2]", 422, ""),
+        ("/v1/ingestion/meter", b'{"meterId": "M", "kwhConsumedAc": "1"}', 422, "kwhConsumedAc"),
+        ("/v1/ingestion", b'{"kwhConsumedAc": 1}', 422, ""),
+        ("/v1/ingest", b'{"meterId": "M", "vehicleId": "V"}', 422, ""),
+        ("/v1/ingestion/meter/batch", b'{"reading": []}', 422, "readings"),
+        ("/v1/ingestion/vehicle/batch", b"[]", 422, "readings"),
+        ("/v1/ingestion/mapping", b'{"vehicleId": "V"}', 422, "meterId"),
+        ("/v1/links", b'{"vehicleId": "V", "meterId": "has space"}', 422, "meterId"),
+    ],
+)
+def test_bad_bodies_get_4xx_naming_the_problem(
+    daemon: DaemonProcess, path: str, body: bytes, status: int, field: str
+) -> None:
+    method = "PUT" if path == "/v1/links" else "POST"
+    response = post(daemon, path, body, method=method)
+    assert response.status_code == status, response.text
+    assert field in {p["field"] for p in response.json()["detail"]}
+
+
+def test_oversized_body_is_413_before_it_is_read_whole(daemon: DaemonProcess) -> None:
+    response = post(daemon, "/v1/ingestion/meter/batch", b" " * (4 * 1024 * 1024 + 1))
+    assert response.status_code == 413
+
+    def chunks() -> Any:
+        for _ in range(5000):
+            yield b" " * 1024  # 5 MB, streamed without a Content-Length
+
+    streamed = httpx.post(daemon.base_url + "/v1/ingestion/meter", content=chunks(), timeout=15)
+    assert streamed.status_code == 413
+
+
+def test_batch_over_the_count_limit_is_413(daemon: DaemonProcess) -> None:
+    meter = new_id("M")
+    readings = [meter_body(meter, m / 100) for m in range(10_001)]
+    response = post(daemon, "/v1/ingestion/meter/batch", {"readings": readings})
+    assert response.status_code == 413
+    assert response.json()["detail"][0]["field"] == "readings"
+
+
+async def test_the_same_reading_over_mqtt_and_http_counts_once(
+    daemon: DaemonProcess, mosquitto: EmbeddedMosquitto, db: asyncpg.Connection
+) -> None:
+    vehicle = new_id("V")
+    at = minutes_ago(1)
+    publisher = Publisher(mosquitto.port)
+    publisher.publish_all([(f"vehicles/{vehicle}/telemetry", vehicle_json(vehicle, at))])
+    publisher.close()
+    await eventually(lambda: stored(db, "vehicle_readings", "vehicle_id", vehicle))
+    response = post(daemon, "/v1/ingestion/vehicle", orjson.loads(vehicle_json(vehicle, at)))
+    assert response.status_code == 201 and response.json()["status"] == "duplicate"
+    assert await stored(db, "vehicle_readings", "vehicle_id", vehicle) == 1
+
+
+def test_metrics_count_readings_by_outcome_stream_and_transport(daemon: DaemonProcess) -> None:
+    meter = new_id("M")
+    body = meter_body(meter)
+    post(daemon, "/v1/ingestion/meter", body)
+    post(daemon, "/v1/ingestion/meter", body)
+    post(daemon, "/v1/ingestion/meter", {**body, "voltage": 2000})
+    text = daemon.get("/metrics").text
+    for outcome in ("accepted", "duplicate", "rejected"):
+        line = (
+            f'energy_ingest_readings_total{{outcome="{outcome}",stream="meter",transport="http"}}'
+        )
+        assert line in text, outcome
+    for name in (
+        "energy_ingest_buffer_depth",
+        "energy_ingest_flush_readings_bucket",
+        "energy_ingest_flush_seconds_bucket",
+        'energy_ingest_lag_seconds_bucket{le="0.01",since="receive"}',
+        'since="reading"',
+        "energy_ingest_database_up 1.0",
+        "energy_ingest_broker_connected 1.0",
+    ):
+        assert name in text, name
+
+
+async def test_database_down_is_503_with_retry_after_never_a_hang(
+    mosquitto: EmbeddedMosquitto,
+) -> None:
+    with running_postgres() as pg:
+        daemon = DaemonProcess(
+            database_url=database_url(pg, "energy"), mqtt_url=mosquitto.url, http_commit_timeout_s=2
+        ).start()
+        try:
+            await asyncio.to_thread(pg.stop)
+            answers = [
+                post(daemon, "/v1/ingestion/meter", meter_body(new_id("M"))) for _ in range(3)
+            ]
+            for response in answers:
+                assert response.status_code == 503, response.text
+                assert int(response.headers["retry-after"]) > 0
+            status = daemon.get("/v1/status/meter/anything")
+            assert status.status_code == 503 and "retry-after" in status.headers
+            assert daemon.get("/health").status_code == 503
+            await asyncio.to_thread(pg.start)
+            meter = new_id("M")
+
+            def stored_again() -> bool:
+                return post(daemon, "/v1/ingestion/meter", meter_body(meter)).status_code == 201
+
+            await eventually(lambda: asyncio.to_thread(stored_again), timeout_s=30)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def test_readings_at_the_timestamp_limits(daemon: DaemonProcess) -> None:
+    meter = new_id("M")
+    ahead = post(daemon, "/v1/ingestion/meter", meter_body(meter, timestamp=iso(minutes_ago(-6))))
+    assert ahead.status_code == 422 and ahead.json()["detail"][0]["field"] == "timestamp"
+    old = post(
+        daemon, "/v1/ingestion/meter", meter_body(meter, timestamp=iso(minutes_ago(60 * 24 * 31)))
+    )
+    assert old.status_code == 422 and old.json()["detail"][0]["field"] == "timestamp"
