@@ -1,9 +1,11 @@
-"""The MQTT subscriber: paho-mqtt 2 driven by the asyncio event loop, with manual PUBACK.
+"""The MQTT subscriber: an asyncio protocol of our own on top of `broker.packets`.
 
-Why paho and not aiomqtt: acknowledging a QoS 1 message only after the transaction that
-holds it has committed needs manual acknowledgement, which paho-mqtt 2 has
-(`manual_ack=True`, `Client.ack`) and aiomqtt does not expose. paho's socket callbacks let
-the asyncio loop do its I/O, so there is no second thread and no hand-over per message.
+Why not a library client: acknowledging a QoS 1 message only after the transaction holding
+it has committed needs manual acknowledgement. paho-mqtt 2 has it (aiomqtt does not expose
+it), and the daemon first used it; profiled under a stored backlog (`energy-ingest bench
+mqtt-drain`), paho's one-packet-at-a-time reader and per-packet writes took more than half of
+the daemon's CPU. Here one `data_received` decodes every packet in the chunk it got, and the
+PUBACKs of a whole flush leave in one write. See BENCHMARKS.md for the numbers.
 
 Each connection has a generation number. An ack is sent only on the connection that
 delivered the message: after a reconnect the broker redelivers whatever was not acked, and
@@ -14,22 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from broker import packets
 
 log = logging.getLogger(__name__)
 
 RECONNECT_FIRST_S = 0.2
 RECONNECT_MAX_S = 10.0
-MISC_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 5.0
+SUBSCRIBE_PACKET_ID = 1
+
+CONNACK_REASONS = {
+    0x80: "unspecified error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +49,77 @@ class Delivery:
     qos: int
     mid: int
     generation: int
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to the broker: decodes what arrives, batches what leaves."""
+
+    def __init__(self, owner: MqttSubscriber, generation: int) -> None:
+        self.owner = owner
+        self.generation = generation
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.backlog: deque[packets.Packet] = deque()
+        self.outgoing: list[bytes] = []
+        self.connack: asyncio.Future[packets.Control] = asyncio.get_running_loop().create_future()
+        self.suback: asyncio.Future[packets.Control] = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.last_heard = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        self.buffer += data
+        try:
+            self.backlog.extend(packets.read_packets(self.buffer))
+        except (packets.ProtocolError, ValueError, IndexError) as error:
+            log.error("MQTT: unreadable packet from the broker (%s); reconnecting", error)
+            self.close()
+            return
+        self.handle_backlog()
+
+    def handle_backlog(self) -> None:
+        """Hand over decoded packets until the owner pauses (its buffer is full); the rest
+        wait here, with the socket paused, until it resumes."""
+        deliver = self.owner.on_delivery
+        backlog = self.backlog
+        while backlog and not self.owner.paused:
+            packet = backlog.popleft()
+            if isinstance(packet, packets.Publish):
+                deliver(
+                    Delivery(
+                        packet.topic, packet.payload, packet.qos, packet.packet_id, self.generation
+                    )
+                )
+            elif packet.kind == packets.CONNACK and not self.connack.done():
+                self.connack.set_result(packet)
+            elif packet.kind == packets.SUBACK and not self.suback.done():
+                self.suback.set_result(packet)
+            elif packet.kind == packets.DISCONNECT:
+                log.warning("MQTT: the broker disconnected us (reason 0x%02x)", packet.reason)
+                self.close()
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes; everything queued in one loop iteration leaves in one write."""
+        if not self.outgoing:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outgoing.append(data)
+
+    def flush(self) -> None:
+        if self.outgoing and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.outgoing))
+        self.outgoing.clear()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
 
 
 class MqttSubscriber:
@@ -59,206 +140,142 @@ class MqttSubscriber:
         on_connection_lost: Callable[[int], None] = lambda generation: None,
     ) -> None:
         self._host, self._port = host, port
+        self._username, self._password = username, password
+        self._client_id = client_id
         self._topics, self._qos = topics, qos
         self._session_expiry_s = session_expiry_s
         self._keepalive_s = keepalive_s
         self._receive_maximum = receive_maximum
-        self._on_delivery = on_delivery
+        self.on_delivery = on_delivery
         self._on_connection_lost = on_connection_lost
         self.generation = 0
         self.connected = False
         self.last_error = "not connected yet"
-        self._paused = False
-        self.connected_once_this_round = False
-        self._closing = False
-        self._sock: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lost = asyncio.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-        )
-        self._client.connect_timeout = CONNECT_TIMEOUT_S
-        if username is not None:
-            self._client.username_pw_set(username, password)
-        self._client.on_connect = self._handle_connect
-        self._client.on_disconnect = self._handle_disconnect
-        self._client.on_message = self._handle_message
-        self._client.on_subscribe = self._handle_subscribe
-        self._client.on_socket_open = self._socket_open
-        self._client.on_socket_close = self._socket_close
-        self._client.on_socket_register_write = self._register_write
-        self._client.on_socket_unregister_write = self._unregister_write
+        self.paused = False
+        self._connection: _Connection | None = None
 
     # -- public -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Connect, and reconnect with back-off, until cancelled."""
-        self._loop = asyncio.get_running_loop()
-        misc = asyncio.create_task(self._misc_loop())
         backoff = RECONNECT_FIRST_S
         try:
             while True:
-                self._lost.clear()
                 try:
-                    await self._connect()
-                except OSError as error:
-                    self.last_error = f"cannot reach {self._host}:{self._port}: {error}"
+                    connection = await self._connect()
+                except (OSError, TimeoutError, ConnectionError) as error:
+                    self.last_error = f"cannot connect to {self._host}:{self._port}: {error}"
                     log.warning("MQTT %s; retrying in %.1f s", self.last_error, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, RECONNECT_MAX_S)
                     continue
-                await self._lost.wait()
-                if self.connected_once_this_round:
-                    backoff = RECONNECT_FIRST_S
-                else:
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, RECONNECT_MAX_S)
+                backoff = RECONNECT_FIRST_S
+                await self._serve(connection)
         finally:
-            misc.cancel()
-            if self.connected:
-                # A clean DISCONNECT keeps the session (clean start off, expiry set).
-                self._closing = True
-                self._client.disconnect()
-                self._client.loop_write()
-            self._drop_socket()
+            self.connected = False
 
     def ack(self, delivery: Delivery) -> None:
         """PUBACK a QoS 1 message, if the connection that delivered it is still up."""
-        if delivery.qos > 0 and delivery.generation == self.generation and self.connected:
-            self._client.ack(delivery.mid, delivery.qos)
+        connection = self._connection
+        if (
+            delivery.qos > 0
+            and connection is not None
+            and (delivery.generation == connection.generation and self.connected)
+        ):
+            connection.send(packets.puback(delivery.mid))
 
     def pause(self) -> None:
         """Stop reading from the broker (backpressure: the buffer is full)."""
-        if not self._paused and self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._sock)
-        self._paused = True
+        self.paused = True
+        if self._connection is not None and self._connection.transport is not None:
+            self._connection.transport.pause_reading()
 
     def resume(self) -> None:
-        if self._paused and self._sock is not None and self._loop is not None:
-            self._loop.add_reader(self._sock, self._read)
-        self._paused = False
+        if not self.paused:
+            return
+        self.paused = False
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            connection.handle_backlog()
+            if not self.paused:
+                connection.transport.resume_reading()
 
     # -- connection ---------------------------------------------------------------------
 
-    async def _connect(self) -> None:
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = self._session_expiry_s
-        # The broker never has more unacked QoS 1 messages out to us than this: the bound
-        # on what a slow database can make us hold in memory.
-        properties.ReceiveMaximum = self._receive_maximum
-        self.connected_once_this_round = False
-        # paho's connect() is a blocking TCP connect; a thread keeps the loop free.
-        await asyncio.to_thread(
-            self._client.connect,
-            self._host,
-            self._port,
-            keepalive=self._keepalive_s,
-            clean_start=False,
-            properties=properties,
-        )
-        assert self._loop is not None
-        sock = self._client.socket()
-        if sock is None:
-            raise OSError("connection closed during connect")
-        self._sock = sock
-        if not self._paused:
-            self._loop.add_reader(sock, self._read)
-        self._loop.add_writer(sock, self._write)
-
-    def _handle_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
-        if reason.is_failure:
-            self.last_error = f"broker refused the connection: {reason}"
-            log.error("MQTT %s", self.last_error)
-            return
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
         self.generation += 1
+        generation = self.generation
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            _, connection = await loop.create_connection(
+                lambda: _Connection(self, generation), self._host, self._port
+            )
+            connection.send(
+                packets.connect(
+                    client_id=self._client_id,
+                    keepalive_s=self._keepalive_s,
+                    clean_start=False,
+                    session_expiry_s=self._session_expiry_s,
+                    # The broker never has more unacked QoS 1 messages out to us than this: the
+                    # bound on what a slow database can make us hold in memory.
+                    receive_maximum=self._receive_maximum,
+                    username=self._username,
+                    password=self._password,
+                )
+            )
+            connack = await connection.connack
+            if connack.reason >= 0x80:
+                connection.close()
+                reason = CONNACK_REASONS.get(connack.reason, f"reason 0x{connack.reason:02x}")
+                raise ConnectionError(f"the broker refused the connection: {reason}")
+            connection.send(packets.subscribe(SUBSCRIBE_PACKET_ID, self._topics, self._qos))
+            suback = await connection.suback
+        for topic, code in zip(self._topics, suback.granted, strict=False):
+            if code >= 0x80:
+                log.error("MQTT subscription to %s refused (reason 0x%02x)", topic, code)
+        self._connection = connection
         self.connected = True
-        self.connected_once_this_round = True
         self.last_error = ""
-        options = SubscribeOptions(qos=self._qos)
-        client.subscribe([(topic, options) for topic in self._topics])
+        if self.paused and connection.transport is not None:
+            connection.transport.pause_reading()
         log.info(
-            "MQTT connected to %s:%d (session present: %s), subscribing to %s",
+            "MQTT connected to %s:%d as %r (session present: %s), subscribed to %s",
             self._host,
             self._port,
-            flags.session_present,
+            self._client_id,
+            connack.session_present,
             self._topics,
         )
+        return connection
 
-    def _handle_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
-    ) -> None:
-        for topic, reason in zip(self._topics, reasons, strict=False):
-            if reason.is_failure:
-                log.error("MQTT subscription to %s refused: %s", topic, reason)
-
-    def _handle_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
-        was_connected = self.connected
+    async def _serve(self, connection: _Connection) -> None:
+        """Keep the connection alive until it closes."""
+        interval = max(1.0, self._keepalive_s / 2)
+        try:
+            while not connection.closed.done():
+                await asyncio.wait({connection.closed}, timeout=interval)
+                if connection.closed.done():
+                    break
+                connection.send(packets.PINGREQ_PACKET)
+                # While reading is paused nothing is heard, not even PINGRESP: only judge
+                # silence while reading.
+                silent = time.monotonic() - connection.last_heard
+                if not self.paused and silent > self._keepalive_s * 1.5:
+                    log.warning("MQTT: nothing from the broker for %.0f s; reconnecting", silent)
+                    connection.close()
+                    await connection.closed
+        except asyncio.CancelledError:
+            # Stopping: send what is queued (the last PUBACKs), then a clean DISCONNECT,
+            # which keeps the session (clean start off, expiry set).
+            self.connected = False
+            connection.send(packets.DISCONNECT_PACKET)
+            connection.flush()
+            connection.close()
+            log.info("MQTT disconnected from %s:%d", self._host, self._port)
+            raise
         self.connected = False
-        if was_connected:
-            self.last_error = f"disconnected: {reason}"
-            log.log(logging.INFO if self._closing else logging.WARNING, "MQTT %s", self.last_error)
-            self._on_connection_lost(self.generation)
-        self._lost.set()
-
-    def _handle_message(
-        self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
-    ) -> None:
-        self._on_delivery(
-            Delivery(
-                message.topic, bytes(message.payload), message.qos, message.mid, self.generation
-            )
-        )
-
-    # -- socket plumbing for the asyncio loop -------------------------------------------
-
-    def _read(self) -> None:
-        # paho reads one packet per call; a few in a row save trips through the selector.
-        for _ in range(64):
-            if self._paused or self._client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                break
-            if self._sock is None:
-                break
-
-    def _write(self) -> None:
-        self._client.loop_write()
-
-    async def _misc_loop(self) -> None:
-        while True:
-            await asyncio.sleep(MISC_INTERVAL_S)
-            self._client.loop_misc()
-
-    def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._sock = sock
-
-    def _socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._drop_socket()
-        self._lost.set()
-
-    def _drop_socket(self) -> None:
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._sock)
-            self._loop.remove_writer(self._sock)
-        self._sock = None
-
-    def _register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._add_writer, sock)
-
-    def _add_writer(self, sock: Any) -> None:
-        if self._loop is not None and sock is self._sock:
-            self._loop.add_writer(sock, self._write)
-
-    def _unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._remove_writer, sock)
-
-    def _remove_writer(self, sock: Any) -> None:
-        if self._loop is not None and sock is self._sock:
-            self._loop.remove_writer(sock)
+        self._connection = None
+        error = connection.closed.result()
+        self.last_error = f"connection lost: {error or 'closed by the broker'}"
+        log.warning("MQTT %s", self.last_error)
+        self._on_connection_lost(connection.generation)

@@ -134,6 +134,7 @@ async def _run_daemon(
         flush_max_readings=settings.flush_max_readings,
         flush_interval_s=settings.flush_interval_s,
         buffer_max_readings=settings.buffer_max_readings,
+        flush_concurrency=settings.flush_concurrency,
         metrics=metrics,
     )
     endpoint = MqttEndpoint(urls.mqtt_url)

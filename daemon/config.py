@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     flush_max_readings: int = Field(default=2000, ge=1)
     flush_interval_ms: int = Field(default=100, ge=1)
     buffer_max_readings: int = Field(default=50000, ge=1)
+    flush_concurrency: int = Field(default=2, ge=1, le=16)
 
     retention_days: int = Field(default=30, ge=1)
     partition_lookahead_days: int = Field(default=3, ge=1)

@@ -89,6 +89,7 @@ def settle(
     committed_at = datetime.now(UTC)
     counts: Counter[tuple[str, str, str]] = Counter()
     reading_lag = metrics.lag_seconds.labels("reading")
+    receive_lag = metrics.lag_seconds.labels("receive")
     for submission in submissions:
         accepted = 0
         for reading in submission.readings:
@@ -99,12 +100,14 @@ def settle(
                 keys.discard(key)  # a second copy in the same batch is a duplicate
                 accepted += 1
                 counts["accepted", stream, submission.transport] += 1
-                reading_lag.observe((committed_at - reading.timestamp).total_seconds())
             else:
                 counts["duplicate", stream, submission.transport] += 1
         if submission.readings:
-            lag = (committed_at - submission.received_at).total_seconds()
-            metrics.lag_seconds.labels("receive").observe(lag)
+            # Once per message or request: its newest reading (a gateway's backlog array is
+            # old by design) and its arrival.
+            newest = max(r.timestamp for r in submission.readings)
+            reading_lag.observe((committed_at - newest).total_seconds())
+            receive_lag.observe((committed_at - submission.received_at).total_seconds())
         _notify(submission, Outcome(accepted, len(submission.readings) - accepted))
     for (outcome, stream, transport), n in counts.items():
         metrics.readings.labels(outcome, stream, transport).inc(n)
@@ -125,6 +128,7 @@ class Writer:
         flush_max_readings: int,
         flush_interval_s: float,
         buffer_max_readings: int,
+        flush_concurrency: int = 2,
         metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
@@ -134,6 +138,8 @@ class Writer:
         self._pending: deque[Submission] = deque()
         self._pending_readings = 0
         self._inflight_readings = 0
+        self._slots = asyncio.Semaphore(flush_concurrency)
+        self._flushes: set[asyncio.Task[None]] = set()
         self._oldest_at = 0.0
         self._work = asyncio.Event()
         self._enough = asyncio.Event()
@@ -204,12 +210,26 @@ class Writer:
         while True:
             if not self._pending:
                 if self._stopping:
+                    if self._flushes:
+                        await asyncio.wait(set(self._flushes))
                     return
                 self._work.clear()
                 await self._work.wait()
                 continue
             await self._wait_for_batch()
-            await self._flush(self._take())
+            # Up to `flush_concurrency` transactions at once, on as many connections: while
+            # PostgreSQL commits one batch, the next is being gathered and sent.
+            await self._slots.acquire()
+            if not self._pending:
+                self._slots.release()
+                continue
+            flush = asyncio.create_task(self._flush(self._take()))
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flush_done)
+
+    def _flush_done(self, flush: asyncio.Task[None]) -> None:
+        self._flushes.discard(flush)
+        self._slots.release()
 
     def stop(self) -> None:
         self._stopping = True
@@ -234,7 +254,7 @@ class Writer:
             taken.append(submission)
             count += max(1, len(submission.readings))
         self._pending_readings -= count
-        self._inflight_readings = count
+        self._inflight_readings += count
         if self._pending:
             self._oldest_at = time.monotonic()
         return taken
@@ -243,7 +263,7 @@ class Writer:
         try:
             await self._commit(submissions)
         finally:
-            self._inflight_readings = 0
+            self._inflight_readings -= sum(max(1, len(s.readings)) for s in submissions)
             if not self.full:
                 for listener in self.room_listeners:
                     listener()
@@ -285,6 +305,7 @@ class Writer:
         except Exception as error:
             raise classify(error) from error
         self.metrics.flush_seconds.observe(time.perf_counter() - started)
+        self.metrics.last_commit.set(time.time())
         self.metrics.flush_size.observe(sum(len(rows) for rows in batch.rows.values()))
         return inserted
 

@@ -1,0 +1,252 @@
+"""What every benchmark needs: private services, the daemon as a measured child process,
+its metrics, and results written as JSON (`bench/results/`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres, free_port
+from db.migrate import migrate
+from db.partitions import upkeep
+
+RESULTS = Path("bench/results")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Services:
+    pg: EmbeddedPostgres
+    broker: EmbeddedMosquitto
+
+    @property
+    def dsn(self) -> str:
+        return self.pg.dsn
+
+
+@contextlib.contextmanager
+def services() -> Iterator[Services]:
+    """A private PostgreSQL (durable: fsync on, as in production) and Mosquitto."""
+    root = Path(tempfile.mkdtemp(prefix="energy-ingest-bench-"))
+    root.chmod(0o755)
+    pg = EmbeddedPostgres(root / "postgres", port=0)
+    broker = EmbeddedMosquitto(root / "mosquitto", port=0)
+    pg.start()
+    broker.start()
+    try:
+        asyncio.run(prepare(pg.dsn))
+        yield Services(pg, broker)
+    finally:
+        broker.stop()
+        pg.stop()
+
+
+async def prepare(dsn: str, *, retention_days: int = 40) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, schema="public")
+        await upkeep(
+            conn,
+            schema="public",
+            now=datetime.now(UTC),
+            retention_days=retention_days,
+            lookahead_days=3,
+        )
+    finally:
+        await conn.close()
+
+
+async def reset(dsn: str) -> None:
+    """Empty every table, so that each run starts from the same state."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "TRUNCATE meter_readings, vehicle_readings, meter_latest, vehicle_latest, "
+            "charging_sessions, rejections"
+        )
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+class Daemon:
+    """`energy-ingest run` as a child process, with its CPU time and peak memory."""
+
+    def __init__(self, svc: Services, **settings: Any) -> None:
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": svc.dsn,
+            "MQTT_URL": svc.broker.url,
+            "HTTP_PORT": str(self.port),
+            "MQTT_CLIENT_ID": "bench-daemon",
+            "LOG_LEVEL": "WARNING",
+            "RETENTION_DAYS": "40",
+        }
+        self.env.update({k.upper(): str(v) for k, v in settings.items()})
+        self.process: subprocess.Popen[bytes] | None = None
+        self.profiler: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> float:
+        """Start and wait until connected; returns the time it became ready."""
+        self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=self.env)
+        profile = os.environ.get("BENCH_PROFILE")  # a file for py-spy's collapsed stacks
+        if profile:
+            self.profiler = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "-o",
+                    profile,
+                    "--pid",
+                    str(self.process.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return time.time()
+            time.sleep(0.005)
+        raise RuntimeError("the daemon did not become ready")
+
+    def cpu_s(self) -> float:
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def peak_rss_mb(self) -> float:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
+
+    def stop(self) -> None:
+        if self.profiler is not None:
+            self.profiler.send_signal(signal.SIGINT)
+            self.profiler.wait(timeout=30)
+            self.profiler = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def accepted(metrics: dict[str, float]) -> float:
+    return sum(
+        v
+        for k, v in metrics.items()
+        if k.startswith('energy_ingest_readings_total{outcome="accepted"')
+    )
+
+
+def histogram_quantile(
+    metrics: dict[str, float], name: str, q: float, label: str = ""
+) -> float | None:
+    """As PromQL's histogram_quantile: linear inside the bucket that holds the quantile."""
+    buckets = []
+    for key, value in metrics.items():
+        if key.startswith(name + "_bucket{") and label in key:
+            le = key.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 0
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return None
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+@dataclass
+class Result:
+    scenario: str
+    parameters: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def median(self, key: str) -> float | None:
+        values = [r[key] for r in self.runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    def save(self) -> Path:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        keys = sorted(
+            {k for run in self.runs for k, v in run.items() if isinstance(v, int | float)}
+        )
+        body = {
+            "scenario": self.scenario,
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "command": " ".join(["energy-ingest", *sys.argv[1:]]),
+            "parameters": self.parameters,
+            "medians": {k: self.median(k) for k in keys},
+            "runs": self.runs,
+        }
+        path = RESULTS / f"{self.scenario}-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+        path.write_text(json.dumps(body, indent=2))
+        return path
+
+    def summary(self, keys: list[str]) -> str:
+        lines = [f"{self.scenario}: medians of {len(self.runs)} runs"]
+        for key in keys:
+            value = self.median(key)
+            lines.append(f"  {key:32} {value:,.3f}" if value is not None else f"  {key:32} -")
+        return "\n".join(lines)

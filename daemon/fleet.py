@@ -1,0 +1,81 @@
+"""A simulated fleet: vehicles charging on chargers, each charger behind a smart meter.
+
+A charger loses 8 to 15 % between the grid (AC, what its meter measures) and the battery
+(DC, what the vehicle reports); a share of chargers is faulty and loses 20 to 30 %, which puts
+their vehicles below the default alert threshold of 0.85.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+HEALTHY_LOSS = (0.08, 0.15)
+FAULTY_LOSS = (0.20, 0.30)
+DC_KWH_PER_MINUTE = (0.05, 0.12)  # 3 to 7 kW
+
+
+@dataclass(frozen=True, slots=True)
+class Vehicle:
+    vehicle_id: str
+    meter_id: str
+
+
+def iso_ms(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Fleet:
+    def __init__(
+        self,
+        *,
+        meters: int,
+        vehicles: int,
+        faulty_share: float = 0.1,
+        seed: int = 7,
+        prefix: str = "",
+    ) -> None:
+        rng = random.Random(seed)
+        self.meters = [f"{prefix}M-{n:05d}" for n in range(meters)]
+        faulty = set(rng.sample(self.meters, int(meters * faulty_share)))
+        self.loss = {
+            m: rng.uniform(*(FAULTY_LOSS if m in faulty else HEALTHY_LOSS)) for m in self.meters
+        }
+        self.faulty = faulty
+        self.vehicles = [
+            Vehicle(f"{prefix}V-{n:05d}", self.meters[n % meters]) for n in range(vehicles)
+        ]
+        self._rng = rng
+
+    def links(self) -> list[dict[str, str]]:
+        return [{"vehicleId": v.vehicle_id, "meterId": v.meter_id} for v in self.vehicles]
+
+    def minute(self, at: datetime) -> list[tuple[str, bytes]]:
+        """One heartbeat of every device at `at`: (topic, JSON payload), vehicles then meters."""
+        stamp = iso_ms(at)
+        ac: dict[str, float] = dict.fromkeys(self.meters, 0.0)
+        out: list[tuple[str, bytes]] = []
+        day_share = (at.hour * 60 + at.minute) / 1440
+        for n, vehicle in enumerate(self.vehicles):
+            dc = self._rng.uniform(*DC_KWH_PER_MINUTE)
+            ac[vehicle.meter_id] += dc / (1 - self.loss[vehicle.meter_id])
+            body = {
+                "vehicleId": vehicle.vehicle_id,
+                "soc": round(20 + 75 * ((day_share + n / len(self.vehicles)) % 1), 2),
+                "kwhDeliveredDc": round(dc, 6),
+                "batteryTemp": round(self._rng.uniform(18, 38), 1),
+                "timestamp": stamp,
+            }
+            out.append((f"vehicles/{vehicle.vehicle_id}/telemetry", orjson.dumps(body)))
+        for meter, kwh in ac.items():
+            body = {
+                "meterId": meter,
+                "kwhConsumedAc": round(kwh, 6),
+                "voltage": round(self._rng.gauss(230, 3), 1),
+                "timestamp": stamp,
+            }
+            out.append((f"meters/{meter}/telemetry", orjson.dumps(body)))
+        return out
