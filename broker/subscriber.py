@@ -62,7 +62,6 @@ class _Connection(asyncio.Protocol):
         self.backlog: deque[packets.Packet] = deque()
         self.outgoing: list[bytes] = []
         self.connack: asyncio.Future[packets.Control] = asyncio.get_running_loop().create_future()
-        self.suback: asyncio.Future[packets.Control] = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.last_heard = time.monotonic()
 
@@ -96,8 +95,8 @@ class _Connection(asyncio.Protocol):
                 )
             elif packet.kind == packets.CONNACK and not self.connack.done():
                 self.connack.set_result(packet)
-            elif packet.kind == packets.SUBACK and not self.suback.done():
-                self.suback.set_result(packet)
+            elif packet.kind == packets.SUBACK:
+                self.owner.subscribed(packet)
             elif packet.kind == packets.DISCONNECT:
                 log.warning("MQTT: the broker disconnected us (reason 0x%02x)", packet.reason)
                 self.close()
@@ -184,6 +183,11 @@ class MqttSubscriber:
         ):
             connection.send(packets.puback(delivery.mid))
 
+    def subscribed(self, suback: packets.Control) -> None:
+        for topic, code in zip(self._topics, suback.granted, strict=False):
+            if code >= 0x80:
+                log.error("MQTT subscription to %s refused (reason 0x%02x)", topic, code)
+
     def pause(self) -> None:
         """Stop reading from the broker (backpressure: the buffer is full)."""
         self.paused = True
@@ -210,29 +214,32 @@ class MqttSubscriber:
             _, connection = await loop.create_connection(
                 lambda: _Connection(self, generation), self._host, self._port
             )
-            connection.send(
-                packets.connect(
-                    client_id=self._client_id,
-                    keepalive_s=self._keepalive_s,
-                    clean_start=False,
-                    session_expiry_s=self._session_expiry_s,
-                    # The broker never has more unacked QoS 1 messages out to us than this: the
-                    # bound on what a slow database can make us hold in memory.
-                    receive_maximum=self._receive_maximum,
-                    username=self._username,
-                    password=self._password,
-                )
+        connection.send(
+            packets.connect(
+                client_id=self._client_id,
+                keepalive_s=self._keepalive_s,
+                clean_start=False,
+                session_expiry_s=self._session_expiry_s,
+                # The broker never has more unacked QoS 1 messages out to us than this: the
+                # bound on what a slow database can make us hold in memory.
+                receive_maximum=self._receive_maximum,
+                username=self._username,
+                password=self._password,
             )
-            connack = await connection.connack
-            if connack.reason >= 0x80:
-                connection.close()
-                reason = CONNACK_REASONS.get(connack.reason, f"reason 0x{connack.reason:02x}")
-                raise ConnectionError(f"the broker refused the connection: {reason}")
-            connection.send(packets.subscribe(SUBSCRIBE_PACKET_ID, self._topics, self._qos))
-            suback = await connection.suback
-        for topic, code in zip(self._topics, suback.granted, strict=False):
-            if code >= 0x80:
-                log.error("MQTT subscription to %s refused (reason 0x%02x)", topic, code)
+        )
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                connack = await connection.connack
+        except TimeoutError:
+            connection.close()
+            raise
+        if connack.reason >= 0x80:
+            connection.close()
+            reason = CONNACK_REASONS.get(connack.reason, f"reason 0x{connack.reason:02x}")
+            raise ConnectionError(f"the broker refused the connection: {reason}")
+        # Not waiting for the SUBACK: a stored session's messages may come first and fill
+        # the buffer; the SUBACK is read, and checked, when its turn comes.
+        connection.send(packets.subscribe(SUBSCRIBE_PACKET_ID, self._topics, self._qos))
         self._connection = connection
         self.connected = True
         self.last_error = ""

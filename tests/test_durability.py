@@ -163,3 +163,33 @@ async def test_database_outage_holds_a_bounded_buffer_and_loses_nothing(
             assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
         finally:
             assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.mark.soak
+async def test_a_backlog_of_gateway_arrays_bigger_than_the_buffer_drains_once(
+    postgres: EmbeddedPostgres, private_broker: EmbeddedMosquitto
+) -> None:
+    """Queued arrays fill the buffer before the broker's SUBACK arrives: the daemon must keep
+    its connection (no reconnect loop, so no redelivered copies) and store everything."""
+    url = await fresh_database(postgres)
+    prefix = f"G{uuid.uuid4().hex[:6]}"
+    per_meter = 60
+    readings = stream_of_readings(prefix, per_meter=per_meter * SCALE)
+    by_topic: dict[str, list[bytes]] = {}
+    for topic, payload, _ in readings:
+        by_topic.setdefault(topic, []).append(payload)
+    arrays = [(topic, b"[" + b",".join(p) + b"]") for topic, p in by_topic.items()]
+    daemon = DaemonProcess(database_url=url, mqtt_url=private_broker.url, buffer_max_readings=500)
+    daemon.start()
+    assert daemon.stop() == 0
+    publisher = Publisher(private_broker.port)
+    publisher.publish_all(arrays)
+    publisher.close()
+    daemon.start()
+    try:
+        assert await wait_until_all_stored(url, prefix, len(readings)) == len(readings)
+        metrics = daemon.get("/metrics").text
+        assert 'outcome="duplicate"' not in metrics, "messages were delivered twice"
+        assert "connection lost" not in daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
