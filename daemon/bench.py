@@ -1,0 +1,92 @@
+"""`energy-ingest bench SCENARIO`: run a benchmark, print medians, write JSON results."""
+
+from __future__ import annotations
+
+import argparse
+
+from daemon.bench_analytics import analytics
+from daemon.bench_http import http
+from daemon.bench_mqtt import drain, live
+from daemon.benchkit import Result, services
+
+SCENARIOS = (
+    "mqtt-drain",
+    "mqtt-drain-arrays",
+    "mqtt-live",
+    "http-single",
+    "http-batch",
+    "analytics",
+)
+
+SUMMARY_KEYS = {
+    "mqtt-drain": [
+        "readings_per_s",
+        "ceiling_readings_per_s",
+        "ratio_to_ceiling",
+        "daemon_cpu_share",
+        "peak_rss_mb",
+        "mean_flush_readings",
+    ],
+    "mqtt-live": ["lag_p50_ms", "lag_p99_ms", "daemon_cpu_share", "peak_rss_mb"],
+    "http-single": [
+        "requests_per_s",
+        "p50_ms",
+        "p99_ms",
+        "non_2xx",
+        "daemon_cpu_share",
+        "peak_rss_mb",
+    ],
+    "http-batch": [
+        "readings_per_s",
+        "requests_per_s",
+        "p50_ms",
+        "p99_ms",
+        "non_2xx",
+        "peak_rss_mb",
+    ],
+    "analytics": ["p50_ms", "p99_ms"],
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    parser.add_argument("--runs", type=int, default=3, help="runs to take the median of")
+    parser.add_argument("--short", action="store_true", help="a quick version (make bench)")
+
+
+def run_one(name: str, args: argparse.Namespace) -> Result:
+    short = args.short
+    with services() as svc:
+        if name == "mqtt-drain":
+            return drain(svc, readings=40_000 if short else 200_000, array=1, runs=args.runs)
+        if name == "mqtt-drain-arrays":
+            return drain(svc, readings=60_000 if short else 240_000, array=60, runs=args.runs)
+        if name == "mqtt-live":
+            return live(svc, multiples=[1, 10, 30], seconds=5 if short else 20, runs=args.runs)
+        if name in ("http-single", "http-batch"):
+            return http(
+                svc,
+                batch=500 if name == "http-batch" else 0,
+                seconds=5 if short else 20,
+                connections=64,
+                runs=args.runs,
+            )
+        return analytics(
+            svc,
+            devices=200 if short else 2000,
+            days=[1, 7 if short else 30],
+            step_min=5,
+            requests=300 if short else 1000,
+            runs=args.runs,
+        )
+
+
+def main(args: argparse.Namespace) -> None:
+    names = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    for name in names:
+        print(f"== {name}", flush=True)
+        result = run_one(name, args)
+        path = result.save()
+        keys = SUMMARY_KEYS.get(name.removesuffix("-arrays"), [])
+        print(result.summary(keys))
+        print(f"  written to {path}", flush=True)

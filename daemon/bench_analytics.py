@@ -1,0 +1,100 @@
+"""Analytics benchmark: history bulk-loaded in SQL, then the performance route timed over
+random vehicles, for a short and a long history: the cost must follow the window only."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+
+import asyncpg
+import httpx
+
+from daemon.benchkit import Daemon, Result, Services, prepare, reset
+
+
+def _bulk(stream: str, devices: int, days: int, step_min: int) -> str:
+    if stream == "meter":
+        columns, values = "meter_id, ts, kwh_consumed_ac, voltage", "'M-' || d, t, 0.1, 230"
+    else:
+        columns = "vehicle_id, ts, soc, kwh_delivered_dc, battery_temp"
+        values = "'V-' || d, t, 50, 0.088, 25"
+    return f"""
+INSERT INTO {stream}_readings ({columns}, received_at)
+SELECT {values}, t
+FROM generate_series(now() - interval '{days} days', now(), interval '{step_min} minutes') t,
+     generate_series(1, {devices}) d"""
+
+
+async def load_history(dsn: str, *, devices: int, days: int, step_min: int) -> float:
+    await reset(dsn)
+    await prepare(dsn, retention_days=days + 2)
+    conn = await asyncpg.connect(dsn)
+    try:
+        started = time.perf_counter()
+        await conn.execute(_bulk("meter", devices, days, step_min))
+        await conn.execute(_bulk("vehicle", devices, days, step_min))
+        await conn.execute(
+            f"INSERT INTO charging_sessions (vehicle_id, meter_id, started_at) "
+            f"SELECT 'V-' || d, 'M-' || d, now() - interval '{days + 1} days' "
+            f"FROM generate_series(1, {devices}) d"
+        )
+        await conn.execute("VACUUM ANALYZE")
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+def latencies(url: str, devices: int, requests: int) -> list[float]:
+    rng = random.Random(1)
+    timings = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for n in range(requests + 50):
+            vehicle = f"V-{rng.randint(1, devices)}"
+            started = time.perf_counter()
+            response = client.get(f"/v1/analytics/performance/{vehicle}")
+            elapsed = (time.perf_counter() - started) * 1000
+            response.raise_for_status()
+            if n >= 50:  # the first ones warm caches and prepared statements
+                timings.append(elapsed)
+    return timings
+
+
+def analytics(
+    svc: Services, *, devices: int, days: list[int], step_min: int, requests: int, runs: int
+) -> Result:
+    result = Result(
+        "analytics",
+        {
+            "devices": devices,
+            "days": days,
+            "step_min": step_min,
+            "requests": requests,
+            "window": "last 24 h",
+        },
+    )
+    for history in days:
+        load_s = asyncio.run(
+            load_history(svc.dsn, devices=devices, days=history, step_min=step_min)
+        )
+        daemon = Daemon(svc, retention_days=history + 2)
+        daemon.start()
+        for run in range(runs):
+            timings = sorted(latencies(daemon.url, devices, requests))
+            measured = {
+                "days": history,
+                "load_s": round(load_s, 1),
+                "p50_ms": round(statistics.median(timings), 3),
+                "p99_ms": round(timings[int(len(timings) * 0.99) - 1], 3),
+            }
+            result.runs.append(measured)
+            print(f"  {history} days, run {run + 1}: {measured}", flush=True)
+        daemon.stop()
+    by_days = {
+        d: statistics.median(r["p50_ms"] for r in result.runs if r["days"] == d) for d in days
+    }
+    if len(days) == 2:
+        short, long = days
+        result.parameters["p50_ratio_long_to_short"] = round(by_days[long] / by_days[short], 3)
+    return result

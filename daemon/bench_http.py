@@ -1,0 +1,96 @@
+"""HTTP benchmarks: single readings and batches of 500, load from wrk in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from daemon.benchkit import Daemon, Result, Services, accepted, reset
+
+WRK_SCRIPT = """
+local counter = 0
+local base = {base}
+local batch = {batch}
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+local function reading()
+  counter = counter + 1
+  return string.format(
+    '{{"meterId":"H%d-%d","kwhConsumedAc":0.5,"voltage":230.1,"timestamp":"%s"}}',
+    tid, counter % 1000, os.date("!%Y-%m-%dT%H:%M:%SZ", base + counter))
+end
+function request()
+  local body
+  if batch == 0 then
+    body = reading()
+  else
+    local items = {{}}
+    for i = 1, batch do items[i] = reading() end
+    body = '{{"readings":[' .. table.concat(items, ",") .. ']}}'
+  end
+  return wrk.format("POST", "{path}", {{["Content-Type"] = "application/json"}}, body)
+end
+"""
+
+
+def _latency_ms(text: str, percentile: str) -> float | None:
+    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s)\s*$", text, flags=re.MULTILINE)
+    if not match:
+        return None
+    value, unit = float(match[1]), match[2]
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(url: str, path: str, *, batch: int, seconds: int, connections: int) -> dict[str, float]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (make bench does it)")
+    base = int((datetime.now(UTC) - timedelta(days=10)).timestamp())
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_SCRIPT.format(base=base, batch=batch, path=path))
+    output = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    requests = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "requests_per_s": round(requests),
+        "readings_per_s": round(requests * max(1, batch)),
+        "p50_ms": _latency_ms(output, "50") or 0.0,
+        "p99_ms": _latency_ms(output, "99") or 0.0,
+        "non_2xx": float(errors[1]) if errors else 0.0,
+    }
+
+
+def http(svc: Services, *, batch: int, seconds: int, connections: int, runs: int) -> Result:
+    scenario = "http-batch" if batch else "http-single"
+    path = "/v1/ingestion/meter/batch" if batch else "/v1/ingestion/meter"
+    result = Result(
+        scenario, {"batch": batch, "seconds": seconds, "connections": connections, "path": path}
+    )
+    for run in range(runs):
+        asyncio.run(reset(svc.dsn))
+        daemon = Daemon(svc)
+        daemon.start()
+        cpu_before = daemon.cpu_s()
+        started = time.perf_counter()
+        measured = wrk(daemon.url, path, batch=batch, seconds=seconds, connections=connections)
+        elapsed = time.perf_counter() - started
+        measured["daemon_cpu_share"] = round((daemon.cpu_s() - cpu_before) / elapsed, 3)
+        measured["peak_rss_mb"] = round(daemon.peak_rss_mb(), 1)
+        measured["stored"] = accepted(daemon.metrics())
+        daemon.stop()
+        result.runs.append(measured)
+        print(f"  run {run + 1}: {measured}", flush=True)
+    return result
