@@ -15,6 +15,11 @@ run: $(STAMP) system-deps
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest
 
+# A short version of every benchmark (see BENCHMARKS.md for the full ones).
+bench: $(STAMP)
+	@BENCH=1 scripts/system-deps.sh
+	$(BIN)/energy-ingest bench all --short --runs 1
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -64,9 +64,9 @@ async def performance(request: Request) -> JSON:
     vehicle_id = request.path_params["vehicleId"]
     start, end = window_of(request, runtime.settings)
     async with connection(runtime) as conn:
-        if not await analytics.vehicle_known(conn, vehicle_id):
-            raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
         totals = await analytics.vehicle_window(conn, vehicle_id, start, end)
+    if totals is None:
+        raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
     threshold = runtime.settings.alert_efficiency_threshold
     ac = round(totals.ac_kwh, KWH_DECIMALS)
     ratio = round(totals.dc_kwh / totals.ac_kwh, RATIO_DECIMALS) if totals.ac_kwh > 0 else None

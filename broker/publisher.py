@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from broker import packets
 
@@ -46,7 +46,7 @@ class RawPublisher:
                 password=password,
             )
         )
-        connack = self._read_until(lambda: False, want_connack=True)
+        connack = self._read_connack()
         if connack:
             raise ConnectionError(f"broker refused the connection: reason {connack}")
 
@@ -54,23 +54,30 @@ class RawPublisher:
         self._next_id = self._next_id % 65535 + 1
         return self._next_id
 
-    def _read_until(self, done: object, *, want_connack: bool = False) -> int:
-        """Read acks until done() is true (or, for CONNACK, the CONNACK arrives)."""
-        while True:
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError("broker closed the connection")
-            self._buffer += data
-            for packet in packets.read_packets(self._buffer):
-                if isinstance(packet, packets.Control):
-                    if packet.kind == packets.CONNACK and want_connack:
-                        return packet.reason
-                    if packet.kind == packets.PUBACK:
-                        self.inflight -= 1
-                        self.acked += 1
-                        self.refused += packet.reason >= 0x80
-            if not want_connack and done():  # type: ignore[operator]
-                return 0
+    def _absorb(self, data: bytes) -> int | None:
+        """Count the acks in `data`; the reason code of a CONNACK among them, if any."""
+        if not data:
+            raise ConnectionError("broker closed the connection")
+        self._buffer += data
+        connack = None
+        for packet in packets.read_packets(self._buffer):
+            if isinstance(packet, packets.Control):
+                if packet.kind == packets.CONNACK:
+                    connack = packet.reason
+                elif packet.kind == packets.PUBACK:
+                    self.inflight -= 1
+                    self.acked += 1
+                    self.refused += packet.reason >= 0x80
+        return connack
+
+    def _read_connack(self) -> int:
+        while (reason := self._absorb(self.sock.recv(1 << 16))) is None:
+            pass
+        return reason
+
+    def _read_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self._absorb(self.sock.recv(1 << 16))
 
     def _drain_available(self) -> None:
         self.sock.setblocking(False)
@@ -80,14 +87,7 @@ class RawPublisher:
                     data = self.sock.recv(1 << 16)
                 except BlockingIOError:
                     return
-                if not data:
-                    raise ConnectionError("broker closed the connection")
-                self._buffer += data
-                for packet in packets.read_packets(self._buffer):
-                    if isinstance(packet, packets.Control) and packet.kind == packets.PUBACK:
-                        self.inflight -= 1
-                        self.acked += 1
-                        self.refused += packet.reason >= 0x80
+                self._absorb(data)
         finally:
             self.sock.setblocking(True)
 

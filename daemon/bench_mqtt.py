@@ -142,7 +142,9 @@ def live(svc: Services, *, multiples: list[int], seconds: float, runs: int) -> R
     for run in range(runs):
         for multiple in multiples:
             asyncio.run(reset(svc.dsn))
-            daemon = Daemon(svc, mqtt_client_id=f"bench-live-{run}-{multiple}")
+            # One client id for every run: a stopped daemon's session would otherwise go on
+            # queueing every message published after it, and load the broker more each run.
+            daemon = Daemon(svc, mqtt_client_id="bench-live")
             daemon.start()
             rate = design_rate * multiple
             fleet = Fleet(meters=1000, vehicles=1000, prefix=f"L{multiple}")

@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", default=None, help="bearer key of the ingest role")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--prefix", default="", help="put before every device id")
 
 
 def messages(args: argparse.Namespace, fleet: Fleet) -> list[Message]:
@@ -153,7 +154,11 @@ def link(args: argparse.Namespace, fleet: Fleet) -> None:
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
     fleet = Fleet(
-        meters=args.meters, vehicles=args.vehicles, faulty_share=args.faulty_share, seed=args.seed
+        meters=args.meters,
+        vehicles=args.vehicles,
+        faulty_share=args.faulty_share,
+        seed=args.seed,
+        prefix=args.prefix,
     )
     if args.link:
         link(args, fleet)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import orjson
 
 from db.tables import METER, SESSIONS, VEHICLE
 
@@ -42,6 +43,15 @@ VEHICLE_KNOWN = f"""
 SELECT EXISTS (SELECT 1 FROM {VEHICLE.latest} WHERE vehicle_id = $1)
     OR EXISTS (SELECT 1 FROM {SESSIONS} WHERE vehicle_id = $1)"""
 
+# All three in one round trip: the route's latency is mostly round trips.
+PERFORMANCE = f"""
+WITH dc AS ({VEHICLE_TOTALS}), ac AS ({METER_TOTALS})
+SELECT ({VEHICLE_KNOWN}) AS known, dc.readings, dc.dc_kwh, dc.avg_battery_temp,
+       (SELECT coalesce(json_agg(json_build_array(meter_id, readings, ac_kwh)
+                                 ORDER BY meter_id), '[]')
+        FROM ac)::text AS meters
+FROM dc"""
+
 
 @dataclass(frozen=True, slots=True)
 class MeterTotal:
@@ -62,16 +72,12 @@ class VehicleWindow:
         return sum(m.ac_kwh for m in self.meters)
 
 
-async def vehicle_known(conn: asyncpg.Connection, vehicle_id: str) -> bool:
-    return bool(await conn.fetchval(VEHICLE_KNOWN, vehicle_id))
-
-
 async def vehicle_window(
     conn: asyncpg.Connection, vehicle_id: str, start: datetime, end: datetime
-) -> VehicleWindow:
-    dc = await conn.fetchrow(VEHICLE_TOTALS, vehicle_id, start, end)
-    meters = [
-        MeterTotal(r["meter_id"], r["readings"], r["ac_kwh"])
-        for r in await conn.fetch(METER_TOTALS, vehicle_id, start, end)
-    ]
-    return VehicleWindow(dc["dc_kwh"], dc["readings"], dc["avg_battery_temp"], meters)
+) -> VehicleWindow | None:
+    """The vehicle's totals over [start, end), or None for a vehicle never seen."""
+    row = await conn.fetchrow(PERFORMANCE, vehicle_id, start, end)
+    if not row["known"]:
+        return None
+    meters = [MeterTotal(m, int(n), float(kwh)) for m, n, kwh in orjson.loads(row["meters"])]
+    return VehicleWindow(row["dc_kwh"], row["readings"], row["avg_battery_temp"], meters)

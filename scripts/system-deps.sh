@@ -17,6 +17,10 @@ fi
 if ! command -v mosquitto_pub >/dev/null 2>&1; then
     need+=(mosquitto-clients)
 fi
+# `make bench` also needs wrk, the HTTP load generator.
+if [ "${BENCH:-}" = 1 ] && ! command -v wrk >/dev/null 2>&1; then
+    need+=(wrk)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then
