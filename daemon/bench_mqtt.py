@@ -14,7 +14,7 @@ import orjson
 
 from broker.publisher import RawPublisher
 from daemon.benchkit import Daemon, Result, Services, accepted, histogram_quantile, reset
-from daemon.fleet import Fleet, iso_ms
+from daemon.fleet import Fleet, as_arrays, iso_ms
 from daemon.readings import MeterReading, VehicleReading
 from daemon.writer import row_of
 from db.writes import FlushBatch, flush_batch
@@ -26,19 +26,10 @@ def backlog(readings: int, array: int, start: datetime) -> list[tuple[str, bytes
     """`readings` readings from a fleet, as single messages or gateway arrays of `array`."""
     devices = 2000
     fleet = Fleet(meters=devices // 2, vehicles=devices // 2)
-    minutes = max(1, readings // devices)
-    per_device: dict[str, list[bytes]] = {}
-    for minute in range(minutes):
-        for topic, payload in fleet.minute(start + timedelta(minutes=minute)):
-            per_device.setdefault(topic, []).append(payload)
-    messages: list[tuple[str, bytes]] = []
-    for topic, payloads in per_device.items():
-        if array <= 1:
-            messages.extend((topic, p) for p in payloads)
-        else:
-            for at in range(0, len(payloads), array):
-                messages.append((topic, b"[" + b",".join(payloads[at : at + array]) + b"]"))
-    return messages
+    heartbeats: list[tuple[str, bytes]] = []
+    for minute in range(max(1, readings // devices)):
+        heartbeats.extend(fleet.minute(start + timedelta(minutes=minute)))
+    return as_arrays(heartbeats, array)
 
 
 def _publish(args: tuple[str, int, list[tuple[str, bytes]], int]) -> int:

@@ -79,3 +79,18 @@ class Fleet:
             }
             out.append((f"meters/{meter}/telemetry", orjson.dumps(body)))
         return out
+
+
+def as_arrays(messages: list[tuple[str, bytes]], size: int) -> list[tuple[str, bytes]]:
+    """Messages regrouped as a gateway sends a backlog: JSON arrays of up to `size` readings
+    of one device, in the order they came; `size` 1 leaves them as they are."""
+    if size <= 1:
+        return list(messages)
+    grouped: dict[str, list[bytes]] = {}
+    for topic, payload in messages:
+        grouped.setdefault(topic, []).append(payload)
+    return [
+        (topic, b"[" + b",".join(payloads[at : at + size]) + b"]")
+        for topic, payloads in grouped.items()
+        for at in range(0, len(payloads), size)
+    ]

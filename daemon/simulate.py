@@ -18,7 +18,7 @@ import httpx
 
 from broker.publisher import RawPublisher
 from daemon.config import MqttEndpoint, Settings
-from daemon.fleet import Fleet
+from daemon.fleet import Fleet, as_arrays
 
 log = logging.getLogger("energy-ingest.simulate")
 Message = tuple[str, bytes]
@@ -71,16 +71,7 @@ def messages(args: argparse.Namespace, fleet: Fleet) -> list[Message]:
     on_time = [m for m in heartbeats if m not in late_set]
     copies = [m for m in heartbeats if rng.random() < args.duplicate_share]
     ordered = on_time + late + copies  # late ones after newer readings, copies at the end
-    if args.array <= 1:
-        return ordered
-    grouped: dict[str, list[bytes]] = {}
-    for topic, payload in ordered:
-        grouped.setdefault(topic, []).append(payload)
-    return [
-        (topic, b"[" + b",".join(payloads[at : at + args.array]) + b"]")
-        for topic, payloads in grouped.items()
-        for at in range(0, len(payloads), args.array)
-    ]
+    return as_arrays(ordered, args.array)
 
 
 def _mqtt_worker(

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.fleet import as_arrays
 from tests.conftest import fresh_database
 from tests.helpers import eventually, meter_json, minutes_ago
 from tests.services import (
@@ -175,10 +176,7 @@ async def test_a_backlog_of_gateway_arrays_bigger_than_the_buffer_drains_once(
     prefix = f"G{uuid.uuid4().hex[:6]}"
     per_meter = 60
     readings = stream_of_readings(prefix, per_meter=per_meter * SCALE)
-    by_topic: dict[str, list[bytes]] = {}
-    for topic, payload, _ in readings:
-        by_topic.setdefault(topic, []).append(payload)
-    arrays = [(topic, b"[" + b",".join(p) + b"]") for topic, p in by_topic.items()]
+    arrays = as_arrays([(topic, payload) for topic, payload, _ in readings], per_meter * SCALE)
     daemon = DaemonProcess(database_url=url, mqtt_url=private_broker.url, buffer_max_readings=500)
     daemon.start()
     assert daemon.stop() == 0
