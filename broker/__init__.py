@@ -1,1 +1,2 @@
-"""MQTT: the subscriber (paho-mqtt driven by the asyncio loop) and the telemetry topics."""
+"""MQTT: the packet codec, the daemon's subscriber, its intake, the topics, and a fast
+publisher for the simulator and the benchmarks."""
