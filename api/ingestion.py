@@ -21,7 +21,7 @@ from api.state import runtime_of
 from daemon.readings import ID_FIELDS, Problem, Reading, Rejected, Stream, validate_reading
 from daemon.runtime import Runtime
 from daemon.writer import Outcome, Overloaded, Submission
-from db.writes import RejectionRow
+from db.writes import RejectionRow, truncate_payload
 
 RETRY_AFTER_S = 2
 
@@ -35,13 +35,11 @@ def _problems(rejected: Rejected) -> list[dict[str, str]]:
 
 
 def _rejection_row(runtime: Runtime, request: Request, item: Any, reason: str) -> RejectionRow:
-    limit = runtime.settings.rejection_payload_max_bytes
-    payload = orjson.dumps(item).decode()
     return RejectionRow(
         received_at=datetime.now(UTC),
         source="http",
         topic_or_route=_route(request),
-        payload=payload[:limit] + ("…" if len(payload) > limit else ""),
+        payload=truncate_payload(orjson.dumps(item), runtime.settings.rejection_payload_max_bytes),
         reason=reason,
     )
 

@@ -15,14 +15,9 @@ from broker.subscriber import Delivery
 from broker.topics import parse_topic
 from daemon.readings import ParsedPayload, Problem, Rejected, TimeWindow, parse_payload
 from daemon.writer import Outcome, Overloaded, Submission, Writer
-from db.writes import RejectionRow
+from db.writes import RejectionRow, truncate_payload
 
 log = logging.getLogger(__name__)
-
-
-def truncate_payload(payload: bytes, max_bytes: int) -> str:
-    text = payload[:max_bytes].decode("utf-8", errors="replace")
-    return text + ("…" if len(payload) > max_bytes else "")
 
 
 class MqttIntake:

@@ -49,6 +49,12 @@ Row = tuple[Any, ...]
 Key = tuple[str, datetime]
 
 
+def truncate_payload(payload: bytes, max_bytes: int) -> str:
+    """The payload kept with a rejection: at most `max_bytes`, marked when cut."""
+    text = payload[:max_bytes].decode("utf-8", errors="replace")
+    return text + ("…" if len(payload) > max_bytes else "")
+
+
 @dataclass(slots=True)
 class RejectionRow:
     received_at: datetime
