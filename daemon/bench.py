@@ -18,6 +18,9 @@ SCENARIOS = (
     "analytics",
 )
 
+# Runs of these scenarios differ by one parameter: medians are taken per value.
+GROUP_BY = {"mqtt-live": "multiple", "analytics": "days"}
+
 SUMMARY_KEYS = {
     "mqtt-drain": [
         "readings_per_s",
@@ -88,5 +91,5 @@ def main(args: argparse.Namespace) -> None:
         result = run_one(name, args)
         path = result.save()
         keys = SUMMARY_KEYS.get(name.removesuffix("-arrays"), [])
-        print(result.summary(keys))
+        print(result.summary(keys, group_by=GROUP_BY.get(name)))
         print(f"  written to {path}", flush=True)

@@ -244,9 +244,17 @@ class Result:
         path.write_text(json.dumps(body, indent=2))
         return path
 
-    def summary(self, keys: list[str]) -> str:
-        lines = [f"{self.scenario}: medians of {len(self.runs)} runs"]
-        for key in keys:
-            value = self.median(key)
-            lines.append(f"  {key:32} {value:,.3f}" if value is not None else f"  {key:32} -")
+    def summary(self, keys: list[str], *, group_by: str | None = None) -> str:
+        """Medians of `keys`; per value of `group_by` when runs differ by it (offered rate,
+        history length), since a median across those would mean nothing."""
+        groups: list[Any] = sorted({run[group_by] for run in self.runs}) if group_by else [None]
+        lines = []
+        for group in groups:
+            runs = [r for r in self.runs if group_by is None or r.get(group_by) == group]
+            title = f" ({group_by} {group})" if group_by else ""
+            lines.append(f"{self.scenario}{title}: medians of {len(runs)} runs")
+            for key in keys:
+                values = [r[key] for r in runs if r.get(key) is not None]
+                value = statistics.median(values) if values else None
+                lines.append(f"  {key:32} {value:,.3f}" if value is not None else f"  {key:32} -")
         return "\n".join(lines)

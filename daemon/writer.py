@@ -48,6 +48,11 @@ class Submission:
     # Set by a transport to recognise its own submissions later (MQTT: the connection).
     tag: object = None
 
+    @property
+    def weight(self) -> int:
+        """What it counts for in the buffer: its readings, or 1 for rejections alone."""
+        return max(1, len(self.readings))
+
 
 class Overloaded(Exception):
     """The buffer is full: the caller should come back later (HTTP 503, MQTT: stop reading)."""
@@ -166,7 +171,7 @@ class Writer:
         if not self._pending:
             self._oldest_at = time.monotonic()
         self._pending.append(submission)
-        self._pending_readings += max(1, len(submission.readings))
+        self._pending_readings += submission.weight
         self._work.set()
         if self._pending_readings >= self._flush_max:
             self._enough.set()
@@ -176,7 +181,7 @@ class Writer:
         kept = deque(s for s in self._pending if not stale(s))
         dropped = len(self._pending) - len(kept)
         self._pending = kept
-        self._pending_readings = sum(max(1, len(s.readings)) for s in kept)
+        self._pending_readings = sum(s.weight for s in kept)
         return dropped
 
     async def write(
@@ -252,7 +257,7 @@ class Writer:
         ):
             submission = self._pending.popleft()
             taken.append(submission)
-            count += max(1, len(submission.readings))
+            count += submission.weight
         self._pending_readings -= count
         self._inflight_readings += count
         if self._pending:
@@ -263,7 +268,7 @@ class Writer:
         try:
             await self._commit(submissions)
         finally:
-            self._inflight_readings -= sum(max(1, len(s.readings)) for s in submissions)
+            self._inflight_readings -= sum(s.weight for s in submissions)
             if not self.full:
                 for listener in self.room_listeners:
                     listener()
