@@ -1,5 +1,11 @@
 """The Starlette application: routes from the table in `api.openapi`, the OpenAPI document,
-offline API docs, and errors that always answer JSON."""
+offline API docs, and errors that always answer JSON.
+
+Readings POSTed to the ingestion routes (the hot path: firmware posting one reading at a
+time) go straight to their handler, past Starlette's middleware stack and router; profiled
+under load, that stack cost more CPU than the handler itself (BENCHMARKS.md). The answers are
+the same either way: the same handlers, the same error bodies.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,12 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
+from api.auth import Handler
 from api.openapi import ENDPOINTS, openapi_document
 from api.responses import JSON, ApiError
 from daemon.runtime import Runtime
@@ -43,7 +51,31 @@ async def _unexpected(request: Request, exc: Exception) -> JSON:
     return JSON({"detail": "internal error; the daemon logged it"}, status_code=500)
 
 
-def create_app(runtime: Runtime) -> Starlette:
+class App:
+    """The ASGI entry point: direct POST routes first, then the Starlette application."""
+
+    def __init__(self, starlette: Starlette, direct: dict[str, Handler]) -> None:
+        self.starlette = starlette
+        self._direct = direct
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self._direct.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.starlette(scope, receive, send)
+            return
+        scope["app"] = self.starlette
+        request = Request(scope, receive)
+        response: Response
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = await _api_error(request, exc)
+        except Exception as exc:
+            response = await _unexpected(request, exc)
+        await response(scope, receive, send)
+
+
+def create_app(runtime: Runtime) -> App:
     document = openapi_document(secured=bool(runtime.settings.api_keys))
 
     async def openapi(request: Request) -> JSON:
@@ -67,4 +99,5 @@ def create_app(runtime: Runtime) -> Starlette:
         },
     )
     app.state.runtime = runtime
-    return app
+    direct = {e.path: e.handler for e in ENDPOINTS if e.method == "POST" and e.tag == "ingestion"}
+    return App(app, direct)

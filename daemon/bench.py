@@ -24,6 +24,7 @@ GROUP_BY = {"mqtt-live": "multiple", "analytics": "days"}
 SUMMARY_KEYS = {
     "mqtt-drain": [
         "readings_per_s",
+        "ceiling_1_connection_per_s",
         "ceiling_readings_per_s",
         "ratio_to_ceiling",
         "daemon_cpu_share",

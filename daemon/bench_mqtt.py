@@ -20,6 +20,7 @@ from daemon.writer import row_of
 from db.writes import FlushBatch, flush_batch
 
 FLUSH_READINGS = 2000
+FLUSH_CONCURRENCY = 2  # the daemon's default, written out so that the ceiling uses the same
 
 
 def backlog(readings: int, array: int, start: datetime) -> list[tuple[str, bytes]]:
@@ -50,8 +51,9 @@ def publish_parallel(port: int, messages: list[tuple[str, bytes]], processes: in
     return sent / (time.perf_counter() - started)
 
 
-async def ceiling(dsn: str, messages: list[tuple[str, bytes]]) -> float:
-    """The same flush transaction, straight from asyncpg with rows built beforehand."""
+async def ceiling(dsn: str, messages: list[tuple[str, bytes]], connections: int) -> float:
+    """The same flush transaction, straight from asyncpg with rows built beforehand, from
+    `connections` connections at once (the daemon has FLUSH_CONCURRENCY flushes in flight)."""
     now = datetime.now(UTC)
     batches: list[FlushBatch] = []
     batch = FlushBatch()
@@ -67,14 +69,21 @@ async def ceiling(dsn: str, messages: list[tuple[str, bytes]]) -> float:
                 batches.append(batch)
                 batch = FlushBatch()
     batches.append(batch)
-    conn = await asyncpg.connect(dsn)
+    conns = [await asyncpg.connect(dsn) for _ in range(connections)]
+
+    async def write(conn: asyncpg.Connection, share: list[FlushBatch]) -> None:
+        for b in share:
+            await flush_batch(conn, b)
+
     try:
         started = time.perf_counter()
-        for b in batches:
-            await flush_batch(conn, b)
+        await asyncio.gather(
+            *(write(conn, batches[n::connections]) for n, conn in enumerate(conns))
+        )
         return count / (time.perf_counter() - started)
     finally:
-        await conn.close()
+        for conn in conns:
+            await conn.close()
 
 
 def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
@@ -90,7 +99,7 @@ def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
         daemon.start()  # creates the persistent session and its subscriptions
         daemon.stop()
         publish_rate = publish_parallel(svc.broker.port, messages)
-        daemon = Daemon(svc, flush_max_readings=FLUSH_READINGS)
+        daemon = Daemon(svc, flush_max_readings=FLUSH_READINGS, flush_concurrency=FLUSH_CONCURRENCY)
         ready_at = daemon.start()
         cpu_before = daemon.cpu_s()
         while True:
@@ -102,14 +111,18 @@ def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
         cpu = daemon.cpu_s() - cpu_before
         rss = daemon.peak_rss_mb()
         daemon.stop()
-        asyncio.run(reset(svc.dsn))
-        ceiling_rate = asyncio.run(ceiling(svc.dsn, messages))
+        ceiling_rates = {}
+        for connections in (1, FLUSH_CONCURRENCY):
+            asyncio.run(reset(svc.dsn))
+            ceiling_rates[connections] = asyncio.run(ceiling(svc.dsn, messages, connections))
+        ceiling_rate = ceiling_rates[FLUSH_CONCURRENCY]
         rate = total / drain_s
         run_result: dict[str, Any] = {
             "readings": total,
             "messages": len(messages),
             "drain_s": round(drain_s, 3),
             "readings_per_s": round(rate),
+            "ceiling_1_connection_per_s": round(ceiling_rates[1]),
             "ceiling_readings_per_s": round(ceiling_rate),
             "ratio_to_ceiling": round(rate / ceiling_rate, 3),
             "daemon_cpu_share": round(cpu / drain_s, 3),

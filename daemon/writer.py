@@ -23,7 +23,7 @@ import asyncpg
 from daemon.metrics import Metrics
 from daemon.readings import MeterReading, Reading, Stream
 from db.errors import DatabaseFailure, DataFailure, classify
-from db.writes import FlushBatch, Key, RejectionRow, Row, flush_batch
+from db.writes import FlushBatch, RejectionRow, Row, Stored, flush_batch
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Outcome:
 
 @dataclass(slots=True)
 class Submission:
-    readings: Sequence[Reading]
+    readings: Sequence[Reading]  # all of one stream
     rejections: Sequence[RejectionRow]
     on_committed: Callable[[Outcome], None]
     transport: str
@@ -87,33 +87,35 @@ def batch_of(submissions: Sequence[Submission]) -> FlushBatch:
     return batch
 
 
-def settle(
-    submissions: Sequence[Submission], inserted: dict[str, set[Key]], metrics: Metrics
-) -> None:
+def settle(submissions: Sequence[Submission], stored: dict[str, Stored], metrics: Metrics) -> None:
     """Tell each submission how many of its readings were new and how many duplicates."""
     committed_at = datetime.now(UTC)
     counts: Counter[tuple[str, str, str]] = Counter()
-    reading_lag = metrics.lag_seconds.labels("reading")
-    receive_lag = metrics.lag_seconds.labels("receive")
+    reading_lags: list[float] = []
+    receive_lags: list[float] = []
     for submission in submissions:
-        accepted = 0
-        for reading in submission.readings:
-            stream = reading.stream.value
-            keys = inserted.get(stream)
-            key = (reading.device_id, reading.timestamp)
-            if keys is not None and key in keys:
-                keys.discard(key)  # a second copy in the same batch is a duplicate
-                accepted += 1
-                counts["accepted", stream, submission.transport] += 1
-            else:
-                counts["duplicate", stream, submission.transport] += 1
-        if submission.readings:
-            # Once per message or request: its newest reading (a gateway's backlog array is
-            # old by design) and its arrival.
-            newest = max(r.timestamp for r in submission.readings)
-            reading_lag.observe((committed_at - newest).total_seconds())
-            receive_lag.observe((committed_at - submission.received_at).total_seconds())
-        _notify(submission, Outcome(accepted, len(submission.readings) - accepted))
+        readings = submission.readings
+        if not readings:
+            _notify(submission, Outcome(0, 0))
+            continue
+        # A submission holds the readings of one stream (one topic, one route).
+        stream = readings[0].stream.value
+        new = stored[stream]
+        if new.keys is None:  # every row of the batch was new: no key to look up
+            accepted = len(readings)
+        else:
+            accepted = sum(new.is_new((r.device_id, r.timestamp)) for r in readings)
+        counts["accepted", stream, submission.transport] += accepted
+        if accepted < len(readings):
+            counts["duplicate", stream, submission.transport] += len(readings) - accepted
+        # Once per message or request: its newest reading (a gateway's backlog array is old
+        # by design) and its arrival.
+        newest = readings[0].timestamp if len(readings) == 1 else max(r.timestamp for r in readings)
+        reading_lags.append((committed_at - newest).total_seconds())
+        receive_lags.append((committed_at - submission.received_at).total_seconds())
+        _notify(submission, Outcome(accepted, len(readings) - accepted))
+    metrics.lag_seconds.observe_many("reading", reading_lags)
+    metrics.lag_seconds.observe_many("receive", receive_lags)
     for (outcome, stream, transport), n in counts.items():
         metrics.readings.labels(outcome, stream, transport).inc(n)
 
@@ -206,7 +208,8 @@ class Writer:
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.submit(Submission(readings, rejections, lambda o: _resolve(done, o), transport))
         try:
-            return await asyncio.wait_for(asyncio.shield(done), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await done
         except TimeoutError:
             raise Overloaded(f"no commit within {timeout_s} s") from None
 
@@ -302,7 +305,7 @@ class Writer:
         self.database_ok = ok
         self.metrics.database_up.set(1 if ok else 0)
 
-    async def _transaction(self, batch: FlushBatch) -> dict[str, set[Key]]:
+    async def _transaction(self, batch: FlushBatch) -> dict[str, Stored]:
         started = time.perf_counter()
         try:
             async with self._pool.acquire() as conn:

@@ -22,6 +22,8 @@ def _flush_sql(t: StreamTables) -> str:
     cols = ", ".join(t.columns)
     params = ", ".join(f"${n}::{typ}[]" for n, typ in enumerate(t.types, start=1))
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in t.columns[1:])
+    # Only the count comes back when every row was new (the common case); the keys stored
+    # come back too when some were already there, so that duplicates can be told apart.
     return f"""
 WITH batch AS (
     SELECT * FROM unnest({params}) AS b({cols})
@@ -36,7 +38,10 @@ WITH batch AS (
     ON CONFLICT ({t.id_column}) DO UPDATE SET {updates}
     WHERE l.ts < EXCLUDED.ts
 )
-SELECT {t.id_column} AS device_id, ts FROM inserted"""
+SELECT count(*) AS stored,
+       CASE WHEN count(*) < cardinality($1::text[]) THEN array_agg({t.id_column}) END AS ids,
+       CASE WHEN count(*) < cardinality($1::text[]) THEN array_agg(ts) END AS tss
+FROM inserted"""
 
 
 FLUSH_SQL = {name: _flush_sql(t) for name, t in STREAMS.items()}
@@ -64,6 +69,24 @@ class RejectionRow:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What one stream's insert stored: `count` rows, and which ones when that is fewer than
+    were offered (`keys` is None when every offered row was new)."""
+
+    count: int
+    keys: set[Key] | None = None
+
+    def is_new(self, key: Key) -> bool:
+        """Whether `key` was stored now; a second copy of it in the same batch is not."""
+        if self.keys is None:
+            return True
+        if key in self.keys:
+            self.keys.discard(key)
+            return True
+        return False
+
+
 @dataclass(slots=True)
 class FlushBatch:
     """Rows for one transaction; each row in the column order of `StreamTables.columns`."""
@@ -72,9 +95,9 @@ class FlushBatch:
     rejections: list[RejectionRow] = field(default_factory=list)
 
 
-async def flush_batch(conn: asyncpg.Connection, batch: FlushBatch) -> dict[str, set[Key]]:
-    """Write the batch in one transaction; returns the (device, ts) keys newly stored."""
-    inserted: dict[str, set[Key]] = {}
+async def flush_batch(conn: asyncpg.Connection, batch: FlushBatch) -> dict[str, Stored]:
+    """Write the batch in one transaction; returns what each stream stored."""
+    inserted: dict[str, Stored] = {}
     async with conn.transaction():
         for stream, rows in batch.rows.items():
             if rows:
@@ -84,10 +107,13 @@ async def flush_batch(conn: asyncpg.Connection, batch: FlushBatch) -> dict[str, 
     return inserted
 
 
-async def _insert_stream(conn: asyncpg.Connection, stream: str, rows: Sequence[Row]) -> set[Key]:
+async def _insert_stream(conn: asyncpg.Connection, stream: str, rows: Sequence[Row]) -> Stored:
     columns = list(zip(*rows, strict=True))
-    records = await conn.fetch(FLUSH_SQL[stream], *columns)
-    return {(r["device_id"], r["ts"]) for r in records}
+    count, ids, tss = await conn.fetchrow(FLUSH_SQL[stream], *columns)
+    if count == len(rows):
+        return Stored(count)
+    # (array_agg of no rows is NULL: none of them was new)
+    return Stored(count, set(zip(ids or (), tss or (), strict=True)))
 
 
 def _columns_of_rejections(rows: Sequence[RejectionRow]) -> list[list[Any]]:

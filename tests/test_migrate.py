@@ -117,3 +117,9 @@ async def test_sessions_of_one_vehicle_never_overlap(conn: asyncpg.Connection) -
         pass
     else:
         raise AssertionError("an overlapping session was accepted")
+
+
+async def test_latest_tables_leave_room_for_in_place_updates(conn: asyncpg.Connection) -> None:
+    for table in ("meter_latest", "vehicle_latest"):
+        options = await conn.fetchval("SELECT reloptions FROM pg_class WHERE relname = $1", table)
+        assert options == ["fillfactor=50"], table

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from db.writes import FlushBatch, RejectionRow, flush_batch
+from db.writes import FlushBatch, RejectionRow, Stored, flush_batch
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -34,7 +34,8 @@ async def test_readings_land_in_history_and_latest(conn: asyncpg.Connection) -> 
         meters=[meter_row("M1", 2), meter_row("M1", 1, kwh=2.0)],
         vehicles=[vehicle_row("V1", 1)],
     )
-    assert len(inserted["meter"]) == 2 and len(inserted["vehicle"]) == 1
+    # Every row new: only the count comes back.
+    assert inserted["meter"] == Stored(2) and inserted["vehicle"] == Stored(1)
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
     latest = await conn.fetchrow("SELECT ts, kwh_consumed_ac FROM meter_latest WHERE meter_id='M1'")
     assert latest["ts"] == NOW - timedelta(minutes=1) and latest["kwh_consumed_ac"] == 2.0
@@ -44,13 +45,15 @@ async def test_readings_land_in_history_and_latest(conn: asyncpg.Connection) -> 
 async def test_duplicate_reading_is_stored_once_and_reported(conn: asyncpg.Connection) -> None:
     await flush(conn, meters=[meter_row("M1", 1)])
     inserted = await flush(conn, meters=[meter_row("M1", 1), meter_row("M1", 0)])
-    assert inserted["meter"] == {("M1", NOW)}
+    assert inserted["meter"] == Stored(1, {("M1", NOW)})
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
 
 
 async def test_same_reading_twice_in_one_batch_is_stored_once(conn: asyncpg.Connection) -> None:
     inserted = await flush(conn, meters=[meter_row("M1", 1), meter_row("M1", 1)])
-    assert len(inserted["meter"]) == 1
+    assert inserted["meter"] == Stored(1, {("M1", NOW - timedelta(minutes=1))})
+    assert inserted["meter"].is_new(("M1", NOW - timedelta(minutes=1)))
+    assert not inserted["meter"].is_new(("M1", NOW - timedelta(minutes=1)))  # the second copy
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 1
 
 
@@ -76,3 +79,10 @@ async def test_a_refused_row_rolls_back_the_whole_batch(conn: asyncpg.Connection
     assert caught.value.sqlstate.startswith("23")
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 0
     assert await conn.fetchval("SELECT count(*) FROM meter_latest") == 0
+
+
+async def test_a_batch_of_duplicates_only_stores_nothing(conn: asyncpg.Connection) -> None:
+    await flush(conn, meters=[meter_row("M1", 1)])
+    inserted = await flush(conn, meters=[meter_row("M1", 1)])
+    assert inserted["meter"] == Stored(0, set())
+    assert not inserted["meter"].is_new(("M1", NOW - timedelta(minutes=1)))
