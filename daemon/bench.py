@@ -48,7 +48,7 @@ SUMMARY_KEYS = {
         "non_2xx",
         "peak_rss_mb",
     ],
-    "analytics": ["p50_ms", "p99_ms"],
+    "analytics": ["p50_ms", "p99_ms", "requests_per_s"],
 }
 
 
@@ -80,7 +80,7 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
             devices=200 if short else 2000,
             days=[1, 7 if short else 30],
             step_min=5,
-            requests=300 if short else 1000,
+            seconds=3 if short else 10,
             runs=args.runs,
         )
 

@@ -50,27 +50,46 @@ def _latency_ms(text: str, percentile: str) -> float | None:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def wrk(url: str, path: str, *, batch: int, seconds: int, connections: int) -> dict[str, float]:
+def wrk(
+    url: str, script: str, *, seconds: int, connections: int, threads: int = 2
+) -> dict[str, float]:
+    """Run wrk with a Lua `script` against `url`: requests/s, latency p50/p99, errors."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (make bench does it)")
-    base = int((datetime.now(UTC) - timedelta(days=10)).timestamp())
-    script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    script.write_text(WRK_SCRIPT.format(base=base, batch=batch, path=path))
-    output = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    path = Path(tempfile.mkstemp(suffix=".lua")[1])
+    path.write_text(script)
+    try:
+        output = subprocess.run(
+            [
+                "wrk",
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                str(path),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        path.unlink()
     requests = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return {
         "requests_per_s": round(requests),
-        "readings_per_s": round(requests * max(1, batch)),
         "p50_ms": _latency_ms(output, "50") or 0.0,
         "p99_ms": _latency_ms(output, "99") or 0.0,
         "non_2xx": float(errors[1]) if errors else 0.0,
     }
+
+
+def ingestion_script(path: str, batch: int) -> str:
+    """Each request a new reading (or `batch` of them): unique device and timestamp."""
+    base = int((datetime.now(UTC) - timedelta(days=10)).timestamp())
+    return WRK_SCRIPT.format(base=base, batch=batch, path=path)
 
 
 def http(svc: Services, *, batch: int, seconds: int, connections: int, runs: int) -> Result:
@@ -85,7 +104,10 @@ def http(svc: Services, *, batch: int, seconds: int, connections: int, runs: int
         daemon.start()
         cpu_before = daemon.cpu_s()
         started = time.perf_counter()
-        measured = wrk(daemon.url, path, batch=batch, seconds=seconds, connections=connections)
+        measured = wrk(
+            daemon.url, ingestion_script(path, batch), seconds=seconds, connections=connections
+        )
+        measured["readings_per_s"] = measured["requests_per_s"] * max(1, batch)
         elapsed = time.perf_counter() - started
         measured["daemon_cpu_share"] = round((daemon.cpu_s() - cpu_before) / elapsed, 3)
         measured["peak_rss_mb"] = round(daemon.peak_rss_mb(), 1)

@@ -222,7 +222,7 @@ def scanned(plan: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-async def test_analytics_plan_reads_only_the_window_partitions_by_index(
+async def test_analytics_plan_reads_only_the_window_partitions_from_the_index(
     postgres: EmbeddedPostgres,
 ) -> None:
     conn = await asyncpg.connect(await fresh_database(postgres))
@@ -234,7 +234,7 @@ async def test_analytics_plan_reads_only_the_window_partitions_by_index(
             "('V7', 'M7', now() - interval '10 days', now() - interval '3 days'), "
             "('V7', 'M8', now() - interval '3 days', NULL)"
         )
-        await conn.execute("ANALYZE")
+        await conn.execute("VACUUM ANALYZE")  # as autovacuum leaves the older partitions
         day = (datetime.now(UTC) - timedelta(days=2)).replace(
             hour=0, minute=0, second=0, microsecond=0
         )
@@ -246,8 +246,8 @@ async def test_analytics_plan_reads_only_the_window_partitions_by_index(
             history = [(kind, rel) for kind, rel in nodes if "_readings" in rel]
             assert history, nodes
             assert all(rel.endswith(partition) for _, rel in history), history
-            # Index Scan, Index Only Scan, or a Bitmap Heap Scan fed by its index: never Seq.
-            assert all("Index" in kind or kind == "Bitmap Heap Scan" for kind, _ in history)
+            # The summed values ride in the key's index: no visit to the table's pages.
+            assert all(kind == "Index Only Scan" for kind, _ in history), history
         total = await conn.fetchval("SELECT count(*) FROM meter_readings")
         assert total > 300_000  # a history much larger than the window
     finally:

@@ -58,6 +58,7 @@ def test_valid_meter_reading_keeps_its_values() -> None:
     assert isinstance(reading, MeterReading)
     assert (reading.meter_id, reading.kwh_consumed_ac, reading.voltage) == ("M-1", 1.25, 231.5)
     assert reading.timestamp == datetime(2026, 11, 25, 11, 59, tzinfo=UTC)
+    assert reading.timestamp.tzinfo is UTC  # whatever offset it came with
 
 
 def test_valid_vehicle_reading_with_offset_timestamp() -> None:
