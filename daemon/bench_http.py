@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from daemon.benchkit import Daemon, Result, Services, accepted, reset
+from daemon.benchkit import BoxCpu, Daemon, Result, Services, accepted, reset
 
 WRK_SCRIPT = """
 local counter = 0
@@ -104,12 +104,14 @@ def http(svc: Services, *, batch: int, seconds: int, connections: int, runs: int
         daemon.start()
         cpu_before = daemon.cpu_s()
         started = time.perf_counter()
+        box = BoxCpu()
         measured = wrk(
             daemon.url, ingestion_script(path, batch), seconds=seconds, connections=connections
         )
         measured["readings_per_s"] = measured["requests_per_s"] * max(1, batch)
         elapsed = time.perf_counter() - started
         measured["daemon_cpu_share"] = round((daemon.cpu_s() - cpu_before) / elapsed, 3)
+        measured.update(box.measure())
         measured["peak_rss_mb"] = round(daemon.peak_rss_mb(), 1)
         measured["stored"] = accepted(daemon.metrics())
         daemon.stop()

@@ -13,7 +13,15 @@ import asyncpg
 import orjson
 
 from broker.publisher import RawPublisher
-from daemon.benchkit import Daemon, Result, Services, accepted, histogram_quantile, reset
+from daemon.benchkit import (
+    BoxCpu,
+    Daemon,
+    Result,
+    Services,
+    accepted,
+    histogram_quantile,
+    reset,
+)
 from daemon.fleet import Fleet, as_arrays, iso_ms
 from daemon.readings import MeterReading, VehicleReading
 from daemon.writer import row_of
@@ -101,6 +109,7 @@ def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
         publish_rate = publish_parallel(svc.broker.port, messages)
         daemon = Daemon(svc, flush_max_readings=FLUSH_READINGS, flush_concurrency=FLUSH_CONCURRENCY)
         ready_at = daemon.start()
+        box = BoxCpu()
         cpu_before = daemon.cpu_s()
         while True:
             metrics = daemon.metrics()
@@ -109,6 +118,7 @@ def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
             time.sleep(0.05)
         drain_s = metrics["energy_ingest_last_commit_unixtime"] - ready_at
         cpu = daemon.cpu_s() - cpu_before
+        box_cpu = box.measure()
         rss = daemon.peak_rss_mb()
         daemon.stop()
         ceiling_rates = {}
@@ -126,6 +136,7 @@ def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
             "ceiling_readings_per_s": round(ceiling_rate),
             "ratio_to_ceiling": round(rate / ceiling_rate, 3),
             "daemon_cpu_share": round(cpu / drain_s, 3),
+            **box_cpu,
             "peak_rss_mb": round(rss, 1),
             "mean_flush_readings": round(
                 metrics["energy_ingest_flush_readings_sum"]

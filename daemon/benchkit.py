@@ -160,6 +160,31 @@ class Daemon:
             self.process.wait(timeout=60)
 
 
+class BoxCpu:
+    """The whole machine's CPU over a stretch of time, from /proc/stat: how many cores were
+    busy (daemon, PostgreSQL, broker, load generator together) and how much the hypervisor
+    took away (steal), which is what makes a shared machine noisy."""
+
+    def __init__(self) -> None:
+        self._start = (time.monotonic(), self._jiffies())
+
+    @staticmethod
+    def _jiffies() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+        steal = fields[7] if len(fields) > 7 else 0
+        return user + nice + system + irq + softirq, steal
+
+    def measure(self) -> dict[str, float]:
+        started, (busy0, steal0) = self._start
+        busy1, steal1 = self._jiffies()
+        seconds = (time.monotonic() - started) * CLOCK_TICKS
+        return {
+            "box_busy_cores": round((busy1 - busy0) / seconds, 2),
+            "box_steal_cores": round((steal1 - steal0) / seconds, 2),
+        }
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for line in text.splitlines():

@@ -1,9 +1,14 @@
-"""The flush transaction: a whole batch of readings and rejections in one round of SQL.
+"""The flush transaction: a whole batch of readings and rejections in one SQL statement.
 
-One statement per stream inserts the history rows (duplicates of (device, ts) are skipped,
-not errors) and upserts the latest row per device, guarded so that an older reading never
-overwrites a newer state. Arrays travel through `unnest`, never a statement per reading; the
-latest rows are written in device-id order so that two daemons cannot deadlock.
+For each stream, the statement inserts the history rows (duplicates of (device, ts) are
+skipped, not errors) and upserts the latest row per device, guarded so that an older reading
+never overwrites a newer state; then it records the rejections. Arrays travel through
+`unnest`, never a statement per reading; the latest rows are written in device-id order so
+that two daemons cannot deadlock.
+
+One statement is one transaction: all of it commits or none of it does, with no BEGIN or
+COMMIT round trips around it. Under load those round trips each waited for a turn of a busy
+event loop, and set the pace of HTTP requests waiting for their commit (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,38 +22,58 @@ import asyncpg
 
 from db.tables import REJECTIONS, STREAMS, StreamTables
 
+REJECTION_COLUMNS = ("received_at", "source", "topic_or_route", "payload", "reason")
+REJECTION_TYPES = ("timestamptz", "text", "text", "text", "text")
 
-def _flush_sql(t: StreamTables) -> str:
-    cols = ", ".join(t.columns)
-    params = ", ".join(f"${n}::{typ}[]" for n, typ in enumerate(t.types, start=1))
+
+def _stream_sql(t: StreamTables, first: int) -> tuple[str, str]:
+    """The CTEs writing one stream (parameters from `$first`), and what it returns."""
+    s, cols = t.stream, ", ".join(t.columns)
+    params = ", ".join(f"${n}::{typ}[]" for n, typ in enumerate(t.types, start=first))
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in t.columns[1:])
-    # Only the count comes back when every row was new (the common case); the keys stored
-    # come back too when some were already there, so that duplicates can be told apart.
-    return f"""
-WITH batch AS (
+    ctes = f"""
+{s}_batch AS (
     SELECT * FROM unnest({params}) AS b({cols})
-), inserted AS (
+), {s}_inserted AS (
     INSERT INTO {t.history} ({cols})
-    SELECT {cols} FROM batch
+    SELECT {cols} FROM {s}_batch
     ON CONFLICT ({t.id_column}, ts) DO NOTHING
     RETURNING {t.id_column}, ts
-), latest AS (
+), {s}_latest AS (
     INSERT INTO {t.latest} AS l ({cols})
-    SELECT DISTINCT ON ({t.id_column}) {cols} FROM batch ORDER BY {t.id_column}, ts DESC
+    SELECT DISTINCT ON ({t.id_column}) {cols} FROM {s}_batch ORDER BY {t.id_column}, ts DESC
     ON CONFLICT ({t.id_column}) DO UPDATE SET {updates}
     WHERE l.ts < EXCLUDED.ts
-)
-SELECT count(*) AS stored,
-       CASE WHEN count(*) < cardinality($1::text[]) THEN array_agg({t.id_column}) END AS ids,
-       CASE WHEN count(*) < cardinality($1::text[]) THEN array_agg(ts) END AS tss
-FROM inserted"""
+)"""
+    # Only the count comes back when every row was new (the common case); the keys stored
+    # come back too when some were already there, so that duplicates can be told apart.
+    stored, offered = f"(SELECT count(*) FROM {s}_inserted)", f"cardinality(${first}::text[])"
+    returned = f"""
+    {stored} AS {s}_stored,
+    CASE WHEN {stored} < {offered}
+         THEN (SELECT array_agg({t.id_column}) FROM {s}_inserted) END AS {s}_ids,
+    CASE WHEN {stored} < {offered} THEN (SELECT array_agg(ts) FROM {s}_inserted) END AS {s}_tss"""
+    return ctes, returned
 
 
-FLUSH_SQL = {name: _flush_sql(t) for name, t in STREAMS.items()}
+def _flush_sql() -> str:
+    ctes, returned, first = [], [], 1
+    for t in STREAMS.values():
+        stream_ctes, stream_returned = _stream_sql(t, first)
+        ctes.append(stream_ctes)
+        returned.append(stream_returned)
+        first += len(t.columns)
+    params = ", ".join(f"${n}::{typ}[]" for n, typ in enumerate(REJECTION_TYPES, start=first))
+    ctes.append(f"""
+rejected AS (
+    INSERT INTO {REJECTIONS} ({", ".join(REJECTION_COLUMNS)})
+    SELECT * FROM unnest({params})
+)""")
+    # (A data-modifying CTE runs to completion whether or not the query reads it.)
+    return "WITH" + ",".join(ctes) + "\nSELECT" + ",".join(returned)
 
-INSERT_REJECTIONS = f"""
-INSERT INTO {REJECTIONS} (received_at, source, topic_or_route, payload, reason)
-SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[])"""
+
+FLUSH_SQL = _flush_sql()
 
 Row = tuple[Any, ...]
 Key = tuple[str, datetime]
@@ -96,31 +121,27 @@ class FlushBatch:
 
 
 async def flush_batch(conn: asyncpg.Connection, batch: FlushBatch) -> dict[str, Stored]:
-    """Write the batch in one transaction; returns what each stream stored."""
-    inserted: dict[str, Stored] = {}
-    async with conn.transaction():
-        for stream, rows in batch.rows.items():
-            if rows:
-                inserted[stream] = await _insert_stream(conn, stream, rows)
-        if batch.rejections:
-            await conn.execute(INSERT_REJECTIONS, *_columns_of_rejections(batch.rejections))
-    return inserted
+    """Write the batch in one statement (one transaction); returns what each stream stored."""
+    args: list[Sequence[Any]] = []
+    for name, t in STREAMS.items():
+        args.extend(_columns(batch.rows[name], len(t.columns)))
+    args.extend(_columns([_rejection_row(r) for r in batch.rejections], len(REJECTION_COLUMNS)))
+    record = await conn.fetchrow(FLUSH_SQL, *args)
+    stored: dict[str, Stored] = {}
+    for name, rows in batch.rows.items():
+        if not rows:
+            continue
+        count, ids, tss = record[f"{name}_stored"], record[f"{name}_ids"], record[f"{name}_tss"]
+        if count == len(rows):
+            stored[name] = Stored(count)
+        else:  # (array_agg of no rows is NULL: none of them was new)
+            stored[name] = Stored(count, set(zip(ids or (), tss or (), strict=True)))
+    return stored
 
 
-async def _insert_stream(conn: asyncpg.Connection, stream: str, rows: Sequence[Row]) -> Stored:
-    columns = list(zip(*rows, strict=True))
-    count, ids, tss = await conn.fetchrow(FLUSH_SQL[stream], *columns)
-    if count == len(rows):
-        return Stored(count)
-    # (array_agg of no rows is NULL: none of them was new)
-    return Stored(count, set(zip(ids or (), tss or (), strict=True)))
+def _columns(rows: Sequence[Row], width: int) -> list[Sequence[Any]]:
+    return list(zip(*rows, strict=True)) if rows else [() for _ in range(width)]
 
 
-def _columns_of_rejections(rows: Sequence[RejectionRow]) -> list[list[Any]]:
-    return [
-        [r.received_at for r in rows],
-        [r.source for r in rows],
-        [r.topic_or_route for r in rows],
-        [r.payload for r in rows],
-        [r.reason for r in rows],
-    ]
+def _rejection_row(r: RejectionRow) -> Row:
+    return (r.received_at, r.source, r.topic_or_route, r.payload, r.reason)

@@ -136,3 +136,26 @@ async def test_writes_wait_out_a_database_outage() -> None:
             writer.stop()
             await asyncio.wait_for(task, 10)
             await pool.close()
+
+
+async def test_a_caller_waiting_for_a_commit_that_does_not_come_hears_overloaded() -> None:
+    # No flusher runs: nothing ever commits. Pure logic, no database needed.
+    writer = Writer(
+        None,
+        flush_max_readings=100,
+        flush_interval_s=0.01,
+        buffer_max_readings=1000,
+    )
+    started = asyncio.get_running_loop().time()
+    waits = [
+        asyncio.create_task(writer.write([meter("M1", 1)], [], transport="http", timeout_s=t))
+        for t in (0.6, 0.2)
+    ]
+    # The shorter wait ends first although it began second.
+    for wait, timeout_s in ((waits[1], 0.2), (waits[0], 0.6)):
+        with pytest.raises(Overloaded, match=f"no commit within {timeout_s} s"):
+            await wait
+        elapsed = asyncio.get_running_loop().time() - started
+        assert timeout_s <= elapsed < timeout_s + 0.3, elapsed
+    # The readings stay buffered: they are still written once a flusher runs.
+    assert writer.depth == 2
