@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
     parser.add_argument("--runs", type=int, default=3, help="runs to take the median of")
     parser.add_argument("--short", action="store_true", help="a quick version (make bench)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=64,
+        help="http-single / http-batch: concurrent connections of wrk (default %(default)s)",
+    )
 
 
 def run_one(name: str, args: argparse.Namespace) -> Result:
@@ -78,7 +84,7 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
                 svc,
                 batch=500 if name == "http-batch" else 0,
                 seconds=5 if short else 20,
-                connections=64,
+                connections=args.connections,
                 runs=args.runs,
             )
         return analytics(
