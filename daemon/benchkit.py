@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -56,6 +57,7 @@ def services() -> Iterator[Services]:
     finally:
         broker.stop()
         pg.stop()
+        shutil.rmtree(root, ignore_errors=True)  # a 30-day history is gigabytes
 
 
 async def prepare(dsn: str, *, retention_days: int = 40) -> None:

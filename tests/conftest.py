@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -16,6 +19,20 @@ from db.partitions import upkeep
 from tests.services import DaemonProcess, database_url, running_mosquitto, running_postgres
 
 TEMPLATE_DB = "energy_template"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_temporary_folder() -> Iterator[Path]:
+    """Every folder and file the tests make with `tempfile` (services' data, daemon logs)
+    goes under one folder, removed when the session ends, so that runs leave nothing behind."""
+    root = Path(tempfile.mkdtemp(prefix="energy-ingest-tests-"))
+    root.chmod(0o755)  # the services may run as their own system users
+    previous, tempfile.tempdir = tempfile.tempdir, str(root)
+    try:
+        yield root
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
