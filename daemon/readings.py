@@ -148,7 +148,9 @@ def _problems(error: ValidationError) -> tuple[Problem, ...]:
     found = []
     for item in error.errors(include_url=False, include_input=False):
         loc = [str(part) for part in item["loc"]]
-        found.append(Problem(".".join(loc), item["msg"]))
+        # Our own checks' messages as written, without pydantic's "Value error, " before them.
+        message = str(item["ctx"]["error"]) if item["type"] == "value_error" else item["msg"]
+        found.append(Problem(".".join(loc), message))
     return tuple(found)
 
 

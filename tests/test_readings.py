@@ -149,3 +149,12 @@ def test_unusable_payloads_say_why(payload: bytes, words: str) -> None:
     parsed = parse_payload(Stream.METER, payload, now=NOW, window=WINDOW)
     assert parsed.readings == []
     assert words in parsed.rejected[0].reason
+
+
+@pytest.mark.parametrize("timestamp", ["yesterday", 1764071940, None])
+def test_a_timestamp_that_is_not_iso_text_says_what_is_expected(timestamp: object) -> None:
+    result = check(Stream.METER, meter(timestamp=timestamp))
+    assert isinstance(result, Rejected)
+    assert [str(p) for p in result.problems] == [
+        "timestamp: must be an ISO 8601 string with an offset, e.g. 2026-01-01T00:00:00Z"
+    ]
