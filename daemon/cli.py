@@ -42,8 +42,8 @@ def tune_gc() -> None:
     (a young collection every 700 allocations, older ones walking every live object) took
     about 40 % of the Python cost of an MQTT message (see BENCHMARKS.md). The objects made
     by the imports (modules, pydantic schemas) are moved out of the collector's sight, and
-    a young collection waits for 50,000 allocations. The hot path
-    makes no reference cycles, so memory stays bounded by the buffer, not by the collector.
+    a young collection waits for 50,000 allocations. The hot path makes few reference
+    cycles; those it makes are still collected, only later (peak RSS in BENCHMARKS.md).
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
