@@ -112,9 +112,10 @@ class Daemon:
         self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=self.env)
         profile = os.environ.get("BENCH_PROFILE")  # a file for py-spy's collapsed stacks
         if profile:
+            beside = Path(sys.executable).parent / "py-spy"  # in the venv, or else on PATH
             self.profiler = subprocess.Popen(
                 [
-                    "py-spy",
+                    str(beside) if beside.exists() else "py-spy",
                     "record",
                     "--format",
                     "raw",
