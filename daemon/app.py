@@ -20,6 +20,7 @@ import asyncpg
 import uvicorn
 
 from api.app import create_app
+from api.protocol import HttpProtocol
 from broker.intake import MqttIntake
 from broker.subscriber import Delivery, MqttSubscriber
 from broker.topics import subscriptions
@@ -200,6 +201,7 @@ async def _run_daemon(
             # both cost CPU on every request.
             access_log=False,
             proxy_headers=False,
+            http=HttpProtocol,
         )
     )
     writer_task = asyncio.create_task(writer.run(), name="writer")
