@@ -21,6 +21,16 @@ SCENARIOS = (
 # Runs of these scenarios differ by one parameter: medians are taken per value.
 GROUP_BY = {"mqtt-live": "multiple", "analytics": "days"}
 
+HTTP_KEYS = [
+    "requests_per_s",
+    "p50_ms",
+    "p99_ms",
+    "non_2xx",
+    "daemon_cpu_share",
+    "box_busy_cores",
+    "box_steal_cores",
+    "peak_rss_mb",
+]
 SUMMARY_KEYS = {
     "mqtt-drain": [
         "readings_per_s",
@@ -34,26 +44,8 @@ SUMMARY_KEYS = {
         "mean_flush_readings",
     ],
     "mqtt-live": ["lag_p50_ms", "lag_p99_ms", "daemon_cpu_share", "peak_rss_mb"],
-    "http-single": [
-        "requests_per_s",
-        "p50_ms",
-        "p99_ms",
-        "non_2xx",
-        "daemon_cpu_share",
-        "box_busy_cores",
-        "box_steal_cores",
-        "peak_rss_mb",
-    ],
-    "http-batch": [
-        "readings_per_s",
-        "requests_per_s",
-        "p50_ms",
-        "p99_ms",
-        "non_2xx",
-        "daemon_cpu_share",
-        "box_busy_cores",
-        "peak_rss_mb",
-    ],
+    "http-single": HTTP_KEYS,
+    "http-batch": ["readings_per_s", *HTTP_KEYS],
     "analytics": ["p50_ms", "p99_ms", "requests_per_s"],
 }
 

@@ -22,13 +22,15 @@ from daemon.benchkit import (
     histogram_quantile,
     reset,
 )
+from daemon.config import Settings
 from daemon.fleet import Fleet, as_arrays, iso_ms
 from daemon.readings import MeterReading, VehicleReading
 from daemon.writer import row_of
 from db.writes import FlushBatch, flush_batch
 
 FLUSH_READINGS = 2000
-FLUSH_CONCURRENCY = 2  # the daemon's default, written out so that the ceiling uses the same
+# The daemon's default, so that the ceiling writes from as many connections as it flushes on.
+FLUSH_CONCURRENCY: int = Settings.model_fields["flush_concurrency"].default
 
 
 def backlog(readings: int, array: int, start: datetime) -> list[tuple[str, bytes]]:

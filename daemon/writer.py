@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
+# Stream names as plain str, looked up once rather than per reading (enum values are properties).
+METER, VEHICLE = Stream.METER.value, Stream.VEHICLE.value
 WATCHDOG_TICK_S = 0.1  # how late, at most, a caller hears that its commit timed out
 
 
@@ -64,7 +66,7 @@ class Overloaded(Exception):
 def row_of(reading: Reading, received_at: datetime) -> tuple[str, Row]:
     # (`type() is`, not isinstance: pydantic models' metaclass makes isinstance slow.)
     if type(reading) is MeterReading:
-        return Stream.METER.value, (
+        return METER, (
             reading.meter_id,
             reading.timestamp,
             reading.kwh_consumed_ac,
@@ -72,7 +74,7 @@ def row_of(reading: Reading, received_at: datetime) -> tuple[str, Row]:
             received_at,
         )
     vehicle = cast(VehicleReading, reading)
-    return Stream.VEHICLE.value, (
+    return VEHICLE, (
         vehicle.vehicle_id,
         vehicle.timestamp,
         vehicle.soc,
