@@ -6,6 +6,7 @@ COPY daemon ./daemon
 COPY broker ./broker
 COPY api ./api
 COPY db ./db
+COPY simulator ./simulator
 RUN pip install --no-cache-dir . && useradd --system energy
 USER energy
 EXPOSE 8000

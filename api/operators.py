@@ -38,11 +38,11 @@ async def health(request: Request) -> JSON:
     runtime = runtime_of(request)
     database = await _database_check(runtime)
     broker = runtime.broker_status()
-    ready = database["ok"] and broker.connected
+    ready = database["ok"] and broker.ready
     body = {
         "status": "ok" if ready else "unavailable",
         "database": database,
-        "broker": {"ok": broker.connected, "detail": broker.detail},
+        "broker": {"ok": broker.ready, "detail": broker.detail},
         "buffer": {
             "depth": runtime.writer.depth,
             "max": runtime.settings.buffer_max_readings,

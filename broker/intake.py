@@ -3,17 +3,29 @@
 Valid readings are buffered; the message is acked once the transaction holding them commits.
 Invalid ones are recorded in `rejections` (in the same kind of transaction) and acked too:
 they will never become valid, and redelivering them forever would help nobody.
+
+Nothing one message contains may stop the intake: whatever goes wrong while handling a
+message, a bug of ours included, becomes a rejection of that message (recorded, acked), and
+the next message is handled as usual. Redelivering it would only fail again, and keep every
+other device's readings waiting behind it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from broker.subscriber import Delivery
+from broker.connection import Delivery
 from broker.topics import parse_topic
-from daemon.readings import ParsedPayload, Problem, Rejected, TimeWindow, parse_payload
+from daemon.readings import (
+    ParsedPayload,
+    Problem,
+    Reading,
+    Rejected,
+    TimeWindow,
+    parse_payload,
+)
 from daemon.writer import Outcome, Overloaded, Submission, Writer
 from db.writes import RejectionRow, truncate_payload
 
@@ -33,9 +45,21 @@ class MqttIntake:
         self._ack = ack
         self._window = window
         self._payload_max_bytes = payload_max_bytes
+        self._failures_logged: set[type[BaseException]] = set()
 
     def __call__(self, delivery: Delivery) -> None:
         now = datetime.now(UTC)
+        try:
+            submission = self._submission(delivery, now)
+        except Exception as error:  # a bug of ours must not hold up every other message
+            submission = self._failure(delivery, now, error)
+        try:
+            self._writer.submit(submission)
+        except Overloaded:
+            # Not acked: the broker keeps it and delivers it again after the restart.
+            log.info("shutting down; %s left to the broker", delivery.topic)
+
+    def _submission(self, delivery: Delivery, now: datetime) -> Submission:
         route = parse_topic(delivery.topic)
         if isinstance(route, str):
             stream_name = "unknown"
@@ -48,29 +72,41 @@ class MqttIntake:
             )
         if parsed.rejected:
             self._writer.metrics.rejected(stream_name, "mqtt", len(parsed.rejected))
-        rejections = [
-            RejectionRow(
-                received_at=now,
-                source="mqtt",
-                topic_or_route=delivery.topic,
-                payload=truncate_payload(delivery.payload, self._payload_max_bytes),
-                reason=rejected.reason,
-            )
-            for rejected in parsed.rejected
-        ]
-        submission = Submission(
-            parsed.readings,
+        rejections = [self._rejection(delivery, now, r.reason) for r in parsed.rejected]
+        return self._submit(delivery, now, parsed.readings, rejections)
+
+    def _failure(self, delivery: Delivery, now: datetime, error: Exception) -> Submission:
+        self._writer.metrics.mqtt_intake_failures.inc()
+        if type(error) not in self._failures_logged:  # the traceback once per kind of failure
+            self._failures_logged.add(type(error))
+            log.exception("MQTT: a message on %r could not be handled", delivery.topic)
+        reason = f"could not be handled (internal error {type(error).__name__}: {error})"
+        return self._submit(delivery, now, [], [self._rejection(delivery, now, reason)])
+
+    def _rejection(self, delivery: Delivery, now: datetime, reason: str) -> RejectionRow:
+        return RejectionRow(
+            received_at=now,
+            source="mqtt",
+            topic_or_route=delivery.topic,
+            payload=truncate_payload(delivery.payload, self._payload_max_bytes),
+            reason=reason,
+        )
+
+    def _submit(
+        self,
+        delivery: Delivery,
+        now: datetime,
+        readings: Sequence[Reading],
+        rejections: Sequence[RejectionRow],
+    ) -> Submission:
+        return Submission(
+            readings,
             rejections,
             on_committed=lambda outcome: self._committed(delivery, outcome),
             transport="mqtt",
             received_at=now,
             tag=delivery.generation if delivery.qos > 0 else None,
         )
-        try:
-            self._writer.submit(submission)
-        except Overloaded:
-            # Not acked: the broker keeps it and delivers it again after the restart.
-            log.info("shutting down; %s left to the broker", delivery.topic)
 
     def _committed(self, delivery: Delivery, outcome: Outcome) -> None:
         self._ack(delivery)

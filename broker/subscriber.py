@@ -1,289 +1,345 @@
-"""The MQTT subscriber: an asyncio protocol of our own on top of `broker.packets`.
+"""The daemon's MQTT session: connect, subscribe, stay connected, reconnect.
 
-Why not a library client: acknowledging a QoS 1 message only after the transaction holding
-it has committed needs manual acknowledgement. paho-mqtt 2 has it (aiomqtt does not expose
-it), and the daemon first used it; profiled under a stored backlog (`energy-ingest bench
-mqtt-drain`), paho's one-packet-at-a-time reader and per-packet writes took more than half of
-the daemon's CPU. Here one `data_received` decodes every packet in the chunk it got, and the
-PUBACKs of a whole flush leave in one write. See BENCHMARKS.md for the numbers.
-
-Each connection has a generation number. An ack is sent only on the connection that
-delivered the message: after a reconnect the broker redelivers whatever was not acked, and
-the (device, ts) identity absorbs the copy.
+- **Persistent session.** A fixed client id, clean start off and a session expiry: the broker
+  keeps the subscriptions and queues messages while the daemon is away. A reconnect that
+  finds no session where one should be (`session present: false`) may have lost readings the
+  broker had accepted; it is logged as a WARNING and counted.
+- **Ready means subscribed.** The daemon is ready only once the SUBACK granted every topic
+  filter at the QoS asked for. A refusal (an ACL change, say) or a lower QoS is an error in
+  the log, a reason on /health and in the metrics, and the SUBSCRIBE is sent again with
+  back-off.
+- **Acknowledged after commit.** `ack` is called once the transaction holding a message has
+  committed; it answers on the connection that delivered the message only (after a
+  reconnect the broker delivers the unacked ones again, and the (device, timestamp)
+  identity absorbs the copy).
+- **Back-off** is exponential with jitter, and starts again from the shortest only after a
+  connection has stayed up: two clients taking one session from each other slow down
+  instead of kicking each other off several times a second.
+- **MQTT 5 only.** Shared subscriptions, Receive Maximum and session expiry need it; a broker
+  that answers in MQTT 3.1.1 ends the daemon with an error that says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
-from broker import packets
+import mqtt5
+
+from broker.connection import BrokerTooOld, Connection, Delivery
+from broker.reasons import in_words, label
+from daemon.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RECONNECT_FIRST_S = 0.2
-RECONNECT_MAX_S = 10.0
-CONNECT_TIMEOUT_S = 5.0
-SUBSCRIBE_PACKET_ID = 1
+CONNECT_TIMEOUT_S = 10.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+# A connection that lived this long was a good one: the next back-off starts from the first.
+STABLE_CONNECTION_S = 30.0
 
-CONNACK_REASONS = {
-    0x80: "unspecified error",
-    0x84: "unsupported protocol version",
-    0x85: "client identifier not valid",
-    0x86: "bad user name or password",
-    0x87: "not authorized",
-    0x88: "server unavailable",
-    0x89: "server busy",
-    0x8A: "banned",
-}
+__all__ = ["BrokerTooOld", "Delivery", "MqttSubscriber", "SessionSettings"]
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    topic: str
-    payload: bytes
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionSettings:
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    username: str | None
+    password: str | None
+    client_id: str
+    topics: tuple[str, ...]
     qos: int
-    mid: int
-    generation: int
+    session_expiry_s: int
+    keepalive_s: int
+    receive_maximum: int
+    max_packet_bytes: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP connection to the broker: decodes what arrives, batches what leaves."""
-
-    def __init__(self, owner: MqttSubscriber, generation: int) -> None:
-        self.owner = owner
-        self.generation = generation
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.backlog: deque[packets.Packet] = deque()
-        self.outgoing: list[bytes] = []
-        self.connack: asyncio.Future[packets.Control] = asyncio.get_running_loop().create_future()
-        self.closed = asyncio.get_running_loop().create_future()
-        self.last_heard = time.monotonic()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (uvloop's transports are not subclasses of asyncio.Transport, but behave as one.)
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_heard = time.monotonic()
-        self.buffer += data
-        try:
-            self.backlog.extend(packets.read_packets(self.buffer))
-        except (packets.ProtocolError, ValueError, IndexError) as error:
-            log.error("MQTT: unreadable packet from the broker (%s); reconnecting", error)
-            self.close()
-            return
-        self.handle_backlog()
-
-    def handle_backlog(self) -> None:
-        """Hand over decoded packets until the owner pauses (its buffer is full); the rest
-        wait here, with the socket paused, until it resumes."""
-        deliver = self.owner.on_delivery
-        backlog = self.backlog
-        while backlog and not self.owner.paused:
-            packet = backlog.popleft()
-            if isinstance(packet, packets.Publish):
-                deliver(
-                    Delivery(
-                        packet.topic, packet.payload, packet.qos, packet.packet_id, self.generation
-                    )
-                )
-            elif packet.kind == packets.CONNACK and not self.connack.done():
-                self.connack.set_result(packet)
-            elif packet.kind == packets.SUBACK:
-                self.owner.subscribed(packet)
-            elif packet.kind == packets.DISCONNECT:
-                log.warning("MQTT: the broker disconnected us (reason 0x%02x)", packet.reason)
-                self.close()
-
-    def send(self, data: bytes) -> None:
-        """Queue bytes; everything queued in one loop iteration leaves in one write."""
-        if not self.outgoing:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.outgoing.append(data)
-
-    def flush(self) -> None:
-        if self.outgoing and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.outgoing))
-        self.outgoing.clear()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(exc)
+def backoff_s(attempt: int) -> float:
+    """Exponential, with half of it random ("equal jitter"): never a burst of retries."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0**attempt)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 class MqttSubscriber:
     def __init__(
         self,
+        settings: SessionSettings,
         *,
-        host: str,
-        port: int,
-        username: str | None,
-        password: str | None,
-        client_id: str,
-        topics: list[str],
-        qos: int,
-        session_expiry_s: int,
-        keepalive_s: int,
-        receive_maximum: int,
         on_delivery: Callable[[Delivery], None],
-        on_connection_lost: Callable[[int], None] = lambda generation: None,
+        on_connection_lost: Callable[[int], None],
+        metrics: Metrics,
     ) -> None:
-        self._host, self._port = host, port
-        self._username, self._password = username, password
-        self._client_id = client_id
-        self._topics, self._qos = topics, qos
-        self._session_expiry_s = session_expiry_s
-        self._keepalive_s = keepalive_s
-        self._receive_maximum = receive_maximum
+        self.settings = settings
         self.on_delivery = on_delivery
         self._on_connection_lost = on_connection_lost
+        self._metrics = metrics
         self.generation = 0
         self.connected = False
-        self.last_error = "not connected yet"
+        self.ready = False
+        self.detail = "not connected yet"
         self.paused = False
-        self._connection: _Connection | None = None
+        self._connection: Connection | None = None
+        self._had_session = False
+        self._subscribe_attempts = 0
+        self._next_packet_id = 0
+        self._keepalive_s = settings.keepalive_s
+        metrics.broker_connected.set_function(lambda: 1 if self.connected else 0)
+        metrics.broker_ready.set_function(lambda: 1 if self.ready else 0)
 
     # -- public -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, and reconnect with back-off, until cancelled."""
-        backoff = RECONNECT_FIRST_S
+        """Connect, and reconnect with back-off, until cancelled. Raises BrokerTooOld."""
+        attempt = 0
         try:
             while True:
                 try:
                     connection = await self._connect()
+                except BrokerTooOld as error:
+                    raise BrokerTooOld(
+                        f"the broker at {self.settings.endpoint} speaks only MQTT 3.1.1 ({error}); "
+                        "the daemon needs MQTT 5 (shared subscriptions, session expiry, "
+                        "Receive Maximum): Mosquitto 1.6 or later, EMQX, HiveMQ, VerneMQ"
+                    ) from None
                 except (OSError, TimeoutError, ConnectionError) as error:
-                    self.last_error = f"cannot connect to {self._host}:{self._port}: {error}"
-                    log.warning("MQTT %s; retrying in %.1f s", self.last_error, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, RECONNECT_MAX_S)
-                    continue
-                backoff = RECONNECT_FIRST_S
-                await self._serve(connection)
+                    self._set_down(f"cannot connect to {self.settings.endpoint}: {_text(error)}")
+                else:
+                    up_since = time.monotonic()
+                    await self._serve(connection)
+                    if time.monotonic() - up_since >= STABLE_CONNECTION_S:
+                        attempt = 0
+                delay = backoff_s(attempt)
+                attempt += 1
+                log.warning("MQTT %s; reconnecting in %.1f s", self.detail, delay)
+                await asyncio.sleep(delay)
         finally:
-            self.connected = False
+            self.connected = self.ready = False
 
     def ack(self, delivery: Delivery) -> None:
-        """PUBACK a QoS 1 message, if the connection that delivered it is still up."""
+        """Acknowledge a committed message, on the connection that delivered it."""
         connection = self._connection
-        if (
-            delivery.qos > 0
-            and connection is not None
-            and (delivery.generation == connection.generation and self.connected)
-        ):
-            connection.send(packets.puback(delivery.mid))
-
-    def subscribed(self, suback: packets.Control) -> None:
-        for topic, code in zip(self._topics, suback.granted, strict=False):
-            if code >= 0x80:
-                log.error("MQTT subscription to %s refused (reason 0x%02x)", topic, code)
+        if delivery.qos == 0 or connection is None or connection.closing:
+            return
+        if delivery.generation != connection.generation:
+            return
+        if delivery.qos == 1:
+            connection.send(mqtt5.PubAckPacket(delivery.packet_id).write())
+        else:  # QoS 2: PUBREC now; the broker's PUBREL is answered with PUBCOMP
+            connection.send(mqtt5.PubRecPacket(delivery.packet_id).write())
 
     def pause(self) -> None:
-        """Stop reading from the broker (backpressure: the buffer is full)."""
+        """Hand over no more messages (the daemon's buffer is full)."""
         self.paused = True
-        if self._connection is not None and self._connection.transport is not None:
-            self._connection.transport.pause_reading()
 
     def resume(self) -> None:
         if not self.paused:
             return
         self.paused = False
-        connection = self._connection
-        if connection is not None and connection.transport is not None:
-            connection.handle_backlog()
-            if not self.paused:
-                connection.transport.resume_reading()
+        if self._connection is not None:
+            self._connection.hand_over_backlog()
+
+    # -- what a connection reports ------------------------------------------------------
+
+    def on_suback(self, connection: Connection, suback: mqtt5.SubAckPacket) -> None:
+        if connection is not self._connection:
+            return
+        topics = self.settings.topics
+        if len(suback.reason_codes) != len(topics):
+            self.on_protocol_error(connection, "a SUBACK that does not match our SUBSCRIBE")
+            connection.disconnect(mqtt5.DisconnectReasonCode.PROTOCOL_ERROR)
+            return
+        problems = []
+        for topic, code in zip(topics, suback.reason_codes, strict=True):
+            if code.value >= 0x80:
+                problems.append(f"{topic} refused: {in_words(mqtt5.SubAckReasonCode, code)}")
+                self._metrics.mqtt_subscription_refusals.labels(
+                    label(mqtt5.SubAckReasonCode, code)
+                ).inc()
+            elif code.value < self.settings.qos:
+                problems.append(f"{topic} granted at QoS {code.value}, not {self.settings.qos}")
+                self._metrics.mqtt_subscription_refusals.labels("lower_qos").inc()
+        if not problems:
+            self.ready = True
+            self.detail = ""
+            self._subscribe_attempts = 0
+            log.info("MQTT subscribed to %s at QoS %d", ", ".join(topics), self.settings.qos)
+            return
+        self.ready = False
+        delay = backoff_s(self._subscribe_attempts)
+        self._subscribe_attempts += 1
+        self.detail = "subscription not granted: " + "; ".join(problems)
+        log.error("MQTT %s; subscribing again in %.1f s", self.detail, delay)
+        asyncio.get_running_loop().call_later(delay, self._subscribe, connection)
+
+    def on_server_disconnect(self, connection: Connection, packet: mqtt5.DisconnectPacket) -> None:
+        code = packet.reason_code
+        words = in_words(mqtt5.DisconnectReasonCode, code)
+        if packet.reason_str:
+            words += f" ({packet.reason_str})"
+        self._metrics.mqtt_disconnects.labels(label(mqtt5.DisconnectReasonCode, code)).inc()
+        self._set_down(f"the broker disconnected us: {words}")
+        level = (
+            logging.ERROR
+            if code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER
+            else (logging.WARNING)
+        )
+        log.log(level, "MQTT %s", self.detail)
+
+    def on_protocol_error(self, connection: Connection, problem: str) -> None:
+        self._metrics.mqtt_disconnects.labels("protocol_error_by_broker").inc()
+        self._set_down(f"the broker sent {problem}; reconnecting")
+        log.error("MQTT %s", self.detail)
 
     # -- connection ---------------------------------------------------------------------
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
+        s = self.settings
         loop = asyncio.get_running_loop()
         self.generation += 1
         generation = self.generation
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             _, connection = await loop.create_connection(
-                lambda: _Connection(self, generation), self._host, self._port
+                lambda: Connection(self, generation, max_packet_bytes=s.max_packet_bytes),
+                s.host,
+                s.port,
+                ssl=s.tls,
+                server_hostname=s.host if s.tls is not None else None,
             )
         connection.send(
-            packets.connect(
-                client_id=self._client_id,
-                keepalive_s=self._keepalive_s,
+            mqtt5.ConnectPacket(
+                s.client_id,
+                username=s.username,
+                password=s.password.encode() if s.password is not None else None,
                 clean_start=False,
-                session_expiry_s=self._session_expiry_s,
+                keep_alive=s.keepalive_s,
+                session_expiry_interval=s.session_expiry_s,
                 # The broker never has more unacked QoS 1 messages out to us than this: the
                 # bound on what a slow database can make us hold in memory.
-                receive_maximum=self._receive_maximum,
-                username=self._username,
-                password=self._password,
-            )
+                receive_max=s.receive_maximum,
+                # Larger messages are not ours to read (the broker drops them for us).
+                max_packet_size=s.max_packet_bytes,
+            ).write()
         )
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 connack = await connection.connack
-        except TimeoutError:
+        except BaseException:
             connection.close()
             raise
-        if connack.reason >= 0x80:
+        if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
             connection.close()
-            reason = CONNACK_REASONS.get(connack.reason, f"reason 0x{connack.reason:02x}")
-            raise ConnectionError(f"the broker refused the connection: {reason}")
-        # Not waiting for the SUBACK: a stored session's messages may come first and fill
-        # the buffer; the SUBACK is read, and checked, when its turn comes.
-        connection.send(packets.subscribe(SUBSCRIBE_PACKET_ID, self._topics, self._qos))
-        self._connection = connection
-        self.connected = True
-        self.last_error = ""
-        if self.paused and connection.transport is not None:
-            connection.transport.pause_reading()
-        log.info(
-            "MQTT connected to %s:%d as %r (session present: %s), subscribed to %s",
-            self._host,
-            self._port,
-            self._client_id,
-            connack.session_present,
-            self._topics,
-        )
+            words = in_words(mqtt5.ConnAckReasonCode, connack.reason_code)
+            raise ConnectionError(f"the broker refused the connection: {words}")
+        self._accept(connection, connack)
         return connection
 
-    async def _serve(self, connection: _Connection) -> None:
-        """Keep the connection alive until it closes."""
-        interval = max(1.0, self._keepalive_s / 2)
+    def _accept(self, connection: Connection, connack: mqtt5.ConnAckPacket) -> None:
+        s = self.settings
+        if connack.server_keep_alive is not None and connack.server_keep_alive != s.keepalive_s:
+            log.info("MQTT: the broker sets keep-alive to %d s", connack.server_keep_alive)
+        if connack.max_qos.value < s.qos:
+            log.error(
+                "MQTT: the broker allows QoS %d at most; asked %d", connack.max_qos.value, s.qos
+            )
+        if not connack.session_present and self._had_session and s.session_expiry_s > 0:
+            self._metrics.mqtt_sessions_lost.inc()
+            log.warning(
+                "MQTT: the broker had no session for %r although this daemon had one: "
+                "readings it queued for us while we were away may have been lost (a broker "
+                "restarted without persistence, or the session expired)",
+                s.client_id,
+            )
+        self._had_session = s.session_expiry_s > 0
+        self._connection = connection
+        self._keepalive_s = (
+            connack.server_keep_alive if connack.server_keep_alive is not None else s.keepalive_s
+        )
+        self.connected = True
+        self.ready = False
+        self.detail = "connected; waiting for the broker to grant the subscriptions"
+        log.info(
+            "MQTT connected to %s as %r (session present: %s)",
+            s.endpoint,
+            s.client_id,
+            connack.session_present,
+        )
+        # Not waiting for the SUBACK here: a stored session's messages may come first.
+        self._subscribe(connection)
+        if not self.paused:
+            connection.hand_over_backlog()
+
+    def _subscribe(self, connection: Connection) -> None:
+        if connection is not self._connection or connection.closing:
+            return
+        self._next_packet_id = self._next_packet_id % 65535 + 1
+        filters = [
+            # Retained messages are not sent again at each subscribe: a retained reading
+            # reaches the daemon once, when it is published (or queued in its session).
+            mqtt5.TopicFilter(
+                topic,
+                max_qos=mqtt5.QoS(self.settings.qos),
+                retain_handling=mqtt5.RetainHandling.SEND_NEVER,
+            )
+            for topic in self.settings.topics
+        ]
+        connection.send(mqtt5.SubscribePacket(self._next_packet_id, filters).write())
+
+    async def _serve(self, connection: Connection) -> None:
+        """Keep the connection alive until it closes; on cancel, disconnect cleanly."""
         try:
             while not connection.closed.done():
+                interval = max(0.5, self._keepalive_s / 2) if self._keepalive_s else None
                 await asyncio.wait({connection.closed}, timeout=interval)
-                if connection.closed.done():
-                    break
-                connection.send(packets.PINGREQ_PACKET)
-                # While reading is paused nothing is heard, not even PINGRESP: only judge
-                # silence while reading.
-                silent = time.monotonic() - connection.last_heard
-                if not self.paused and silent > self._keepalive_s * 1.5:
-                    log.warning("MQTT: nothing from the broker for %.0f s; reconnecting", silent)
+                if connection.closed.done() or not self._keepalive_s:
+                    continue
+                if self._silent(connection):
+                    self._metrics.mqtt_disconnects.labels("keep_alive_timeout").inc()
+                    self._set_down(f"no answer from the broker for {self._keepalive_s} s")
                     connection.close()
                     await connection.closed
+                    break
+                connection.ping()
         except asyncio.CancelledError:
-            # Stopping: send what is queued (the last PUBACKs), then a clean DISCONNECT,
-            # which keeps the session (clean start off, expiry set).
-            self.connected = False
-            connection.send(packets.DISCONNECT_PACKET)
-            connection.flush()
-            connection.close()
-            log.info("MQTT disconnected from %s:%d", self._host, self._port)
+            # Stopping: the last PUBACKs, then a clean DISCONNECT (the session is kept).
+            self.connected = self.ready = False
+            connection.disconnect(mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION)
+            log.info("MQTT disconnected from %s", self.settings.endpoint)
             raise
-        self.connected = False
         self._connection = None
         error = connection.closed.result()
-        self.last_error = f"connection lost: {error or 'closed by the broker'}"
-        log.warning("MQTT %s", self.last_error)
+        if self.connected:  # nobody said why yet
+            self._metrics.mqtt_disconnects.labels("connection_lost").inc()
+            self._set_down(f"connection lost: {_text(error) if error else 'closed by the broker'}")
+        self.connected = self.ready = False
         self._on_connection_lost(connection.generation)
+
+    def _silent(self, connection: Connection) -> bool:
+        """A PINGREQ unanswered, and nothing else heard, for a whole keep-alive. While the
+        socket is paused (messages waiting here), silence means nothing."""
+        if connection.ping_sent_at is None or connection.reading_paused:
+            return False
+        now = time.monotonic()
+        return (
+            now - connection.ping_sent_at > self._keepalive_s
+            and now - connection.last_heard > self._keepalive_s
+        )
+
+    def _set_down(self, detail: str) -> None:
+        self.connected = self.ready = False
+        self.detail = detail
+
+
+def _text(error: BaseException) -> str:
+    return str(error) or error.__class__.__name__

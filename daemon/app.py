@@ -22,7 +22,8 @@ import uvicorn
 from api.app import create_app
 from api.protocol import HttpProtocol
 from broker.intake import MqttIntake
-from broker.subscriber import Delivery, MqttSubscriber
+from broker.subscriber import Delivery, MqttSubscriber, SessionSettings
+from broker.tls import client_context
 from broker.topics import subscriptions
 from daemon.config import MqttEndpoint, Settings
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
@@ -106,8 +107,9 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-async def serve(settings: Settings) -> None:
-    """`energy-ingest run`: everything in one process until SIGINT/SIGTERM."""
+async def serve(settings: Settings) -> bool:
+    """`energy-ingest run`: everything in one process until SIGINT/SIGTERM. False when a
+    part of it (writer, MQTT, HTTP) stopped by itself: the process should exit non-zero."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -119,12 +121,37 @@ async def serve(settings: Settings) -> None:
                 urls.database_url, schema=settings.db_schema, max_size=settings.db_pool_size
             )
             stack.push_async_callback(pool.close)
-            await _run_daemon(settings, urls, pool, stop)
+            return await _run_daemon(settings, urls, pool, stop)
+    raise AssertionError("unreachable")  # (mypy: async with may swallow exceptions)
+
+
+def session_settings(settings: Settings, endpoint: MqttEndpoint) -> SessionSettings:
+    tls = None
+    if endpoint.tls:
+        tls = client_context(
+            ca_file=settings.mqtt_ca_file,
+            cert_file=settings.mqtt_client_cert_file,
+            key_file=settings.mqtt_client_key_file,
+        )
+    return SessionSettings(
+        host=endpoint.host,
+        port=endpoint.port,
+        tls=tls,
+        username=endpoint.username,
+        password=endpoint.password,
+        client_id=settings.mqtt_client_id,
+        topics=tuple(subscriptions(settings.mqtt_shared_group)),
+        qos=settings.mqtt_qos,
+        session_expiry_s=settings.mqtt_session_expiry_s,
+        keepalive_s=settings.mqtt_keepalive_s,
+        receive_maximum=settings.mqtt_receive_maximum,
+        max_packet_bytes=settings.mqtt_max_packet_bytes,
+    )
 
 
 async def _run_daemon(
     settings: Settings, urls: Endpoints, pool: asyncpg.Pool, stop: asyncio.Event
-) -> None:
+) -> bool:
     window = TimeWindow(
         retention=timedelta(days=settings.retention_days),
         future_skew=timedelta(seconds=settings.future_skew_s),
@@ -156,18 +183,10 @@ async def _run_daemon(
             subscriber.pause()
 
     subscriber = MqttSubscriber(
-        host=endpoint.host,
-        port=endpoint.port,
-        username=endpoint.username,
-        password=endpoint.password,
-        client_id=settings.mqtt_client_id,
-        topics=subscriptions(settings.mqtt_shared_group),
-        qos=settings.mqtt_qos,
-        session_expiry_s=settings.mqtt_session_expiry_s,
-        keepalive_s=settings.mqtt_keepalive_s,
-        receive_maximum=settings.mqtt_receive_maximum,
+        session_settings(settings, endpoint),
         on_delivery=on_delivery,
         on_connection_lost=forget_unacked,
+        metrics=metrics,
     )
     intake = MqttIntake(
         writer=writer,
@@ -176,7 +195,6 @@ async def _run_daemon(
         payload_max_bytes=settings.rejection_payload_max_bytes,
     )
     writer.room_listeners.append(subscriber.resume)
-    metrics.broker_connected.set_function(lambda: 1 if subscriber.connected else 0)
     if not settings.api_keys:
         log.warning(
             "HTTP API is OPEN: no API keys configured; anyone who can reach port %d "
@@ -188,7 +206,7 @@ async def _run_daemon(
         pool=pool,
         writer=writer,
         window=window,
-        broker_status=lambda: BrokerStatus(subscriber.connected, subscriber.last_error),
+        broker_status=lambda: BrokerStatus(subscriber.ready, subscriber.detail),
     )
     server = _QuietServer(
         uvicorn.Config(
@@ -219,9 +237,10 @@ async def _run_daemon(
     done, _ = await asyncio.wait(
         {stop_task, writer_task, mqtt_task, http_task}, return_when=asyncio.FIRST_COMPLETED
     )
-    for task in done:
-        if task is not stop_task and task.exception() is not None:
-            log.error("%s stopped: %r", task.get_name(), task.exception())
+    crashed = [task for task in done if task is not stop_task]
+    for task in crashed:
+        error = task.exception()
+        log.error("%s stopped: %s", task.get_name(), error if error else "it returned")
     log.info("stopping: no new readings; flushing %d buffered", writer.depth)
     subscriber.pause()
     server.should_exit = True
@@ -235,6 +254,7 @@ async def _run_daemon(
         mqtt_task, upkeep_task, writer_task, http_task, stop_task, return_exceptions=True
     )
     log.info("stopped")
+    return not crashed
 
 
 async def _upkeep_loop(settings: Settings, pool: asyncpg.Pool) -> None:

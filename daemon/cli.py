@@ -1,4 +1,5 @@
-"""`energy-ingest`: run the daemon, apply migrations, maintain partitions."""
+"""`energy-ingest`: run the daemon, apply migrations, provision broker users, and (from the
+`simulator` package, imported only by those commands) simulate a fleet and benchmark."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import uvloop
 from pydantic import ValidationError
 
-from daemon import bench, simulate
+from broker.tls import TlsFilesError
 from daemon.app import endpoints, prepare_database, serve
 from daemon.config import Settings
 from daemon.embedded import ServiceError
@@ -49,6 +50,23 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def _drive(command: str, argv: list[str]) -> None:
+    """`bench` and `simulate` drive the daemon from outside: their package is imported here
+    only, so that `energy-ingest run` never loads it."""
+    from simulator import bench, simulate
+
+    parser = argparse.ArgumentParser(prog=f"energy-ingest {command}")
+    if command == "bench":
+        bench.add_arguments(parser)
+        logging.basicConfig(level="WARNING")
+        bench.main(parser.parse_args(argv))
+        return
+    simulate.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    simulate.main(args, _settings())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="energy-ingest",
@@ -72,23 +90,22 @@ def main(argv: list[str] | None = None) -> None:
         help="Mosquitto password file (default: %(default)s)",
     )
     provisioning.add_argument("--password", help="use this password instead of a random one")
-    bench_parser = commands.add_parser(
-        "bench", help="run a benchmark (results in bench/results/, see BENCHMARKS.md)"
+    commands.add_parser(
+        "bench",
+        help="run a benchmark (results in bench/results/, see BENCHMARKS.md)",
+        add_help=False,
     )
-    bench.add_arguments(bench_parser)
-    simulate_parser = commands.add_parser(
-        "simulate", help="a fleet of meters and vehicles publishing over MQTT or HTTP"
+    commands.add_parser(
+        "simulate",
+        help="a fleet of meters and vehicles publishing over MQTT or HTTP",
+        add_help=False,
     )
-    simulate.add_arguments(simulate_parser)
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        logging.basicConfig(level="WARNING")
-        bench.main(args)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("bench", "simulate"):
+        _drive(args.command, rest)
         return
-    if args.command == "simulate":
-        logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
-        simulate.main(args, _settings())
-        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "provision":
         try:
             print(provision(args.password_file, args.username, args.password))
@@ -106,10 +123,11 @@ def main(argv: list[str] | None = None) -> None:
             tune_gc()
             # uvloop: the same asyncio, with a faster event loop (and uvicorn then uses
             # httptools); measured in BENCHMARKS.md.
-            uvloop.run(serve(settings))
+            if not uvloop.run(serve(settings)):
+                sys.exit("energy-ingest: stopped because a part of the daemon failed (see above)")
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
-    except ServiceError as error:
+    except (ServiceError, TlsFilesError) as error:
         sys.exit(f"energy-ingest: {error}")
     except KeyboardInterrupt:
         pass

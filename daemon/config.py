@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,14 +32,19 @@ class Settings(BaseSettings):
 
     mqtt_url: str | None = Field(
         default=None,
-        description="mqtt://[user:password@]host[:port]; unset starts a private Mosquitto",
+        description="mqtt[s]://[user:password@]host[:port]; unset starts a private Mosquitto",
     )
+    mqtt_ca_file: Path | None = Field(default=None, description="mqtts: trust anchors (PEM)")
+    mqtt_client_cert_file: Path | None = None
+    mqtt_client_key_file: Path | None = None
     mqtt_client_id: str = Field(default_factory=_default_client_id, min_length=1)
     mqtt_shared_group: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
     mqtt_qos: int = Field(default=1, ge=0, le=1)
     mqtt_session_expiry_s: int = Field(default=7 * 86400, ge=0)
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     mqtt_receive_maximum: int = Field(default=20000, ge=1, le=65535)
+    # The broker's message_size_limit (mosquitto.conf, 4 MiB) plus room for the longest topic.
+    mqtt_max_packet_bytes: int = Field(default=4 * 1024 * 1024 + 65_536, ge=1024, le=268_435_460)
 
     flush_max_readings: int = Field(default=2000, ge=1)
     # Short: under load batches grow by themselves while earlier flushes are in flight; the
@@ -74,9 +79,32 @@ class Settings(BaseSettings):
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url_shape(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("mqtt", "tcp"):
-            raise ValueError("MQTT_URL must look like mqtt://[user:password@]host[:port]")
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in (*PLAIN_SCHEMES, *TLS_SCHEMES) or not parts.hostname:
+                raise ValueError("must look like mqtt[s]://[user:password@]host[:port]")
+            try:
+                parts.port  # noqa: B018 - raises on a port out of range
+            except ValueError as error:
+                raise ValueError(str(error)) from None
         return value
+
+    @field_validator("mqtt_ca_file", "mqtt_client_cert_file", "mqtt_client_key_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_settings_need_mqtts(self) -> Settings:
+        tls_files = (self.mqtt_ca_file, self.mqtt_client_cert_file, self.mqtt_client_key_file)
+        if any(tls_files) and not MqttEndpoint(self.mqtt_url or "").tls:
+            # Not silently in clear: files for TLS mean the operator expects TLS.
+            raise ValueError("MQTT_CA_FILE / MQTT_CLIENT_*_FILE need an mqtts:// MQTT_URL")
+        if self.mqtt_client_key_file and not self.mqtt_client_cert_file:
+            raise ValueError("MQTT_CLIENT_KEY_FILE needs MQTT_CLIENT_CERT_FILE")
+        return self
 
     @property
     def flush_interval_s(self) -> float:
@@ -95,15 +123,22 @@ class Settings(BaseSettings):
         return {key: frozenset(r) for key, r in roles.items()}
 
 
+PLAIN_SCHEMES = ("mqtt", "tcp")
+TLS_SCHEMES = ("mqtts", "ssl")
+DEFAULT_MQTT_PORT = 1883
+DEFAULT_MQTTS_PORT = 8883
+
+
 class MqttEndpoint:
-    """Host, port and credentials parsed from MQTT_URL."""
+    """Host, port, TLS and credentials parsed from MQTT_URL."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
+        self.tls = parts.scheme in TLS_SCHEMES
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 1883
-        self.username = parts.username
-        self.password = parts.password
+        self.port = parts.port or (DEFAULT_MQTTS_PORT if self.tls else DEFAULT_MQTT_PORT)
+        self.username = unquote(parts.username) if parts.username is not None else None
+        self.password = unquote(parts.password) if parts.password is not None else None
 
     def __repr__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"

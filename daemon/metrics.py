@@ -130,6 +130,35 @@ class Metrics:
         self.broker_connected = Gauge(
             "energy_ingest_broker_connected", "1 while connected to the MQTT broker", registry=r
         )
+        self.broker_ready = Gauge(
+            "energy_ingest_broker_ready",
+            "1 while connected and every subscription is granted at the QoS asked for",
+            registry=r,
+        )
+        self.mqtt_disconnects = Counter(
+            "energy_ingest_mqtt_disconnects",
+            "Connections to the broker that ended, by reason (the broker's DISCONNECT reason "
+            "code, or what the daemon saw)",
+            ["reason"],
+            registry=r,
+        )
+        self.mqtt_subscription_refusals = Counter(
+            "energy_ingest_mqtt_subscription_refusals",
+            "Topic filters the broker refused or granted at a lower QoS, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.mqtt_sessions_lost = Counter(
+            "energy_ingest_mqtt_sessions_lost",
+            "Reconnects that found no session on the broker where one should have been",
+            registry=r,
+        )
+        self.mqtt_intake_failures = Counter(
+            "energy_ingest_mqtt_intake_failures",
+            "MQTT messages that could not be handled (an internal error) and were recorded "
+            "as rejections",
+            registry=r,
+        )
         self.database_up.set(1)
 
     def rejected(self, stream: str, transport: str, count: int = 1) -> None:

@@ -32,6 +32,7 @@ class Stream(StrEnum):
 
 
 ISO_HINT = "must be an ISO 8601 string with an offset, e.g. 2026-01-01T00:00:00Z"
+OUT_OF_CALENDAR = "is outside the calendar once converted to UTC (years 1 to 9999)"
 
 
 def _timestamp_in_utc(value: object) -> object:
@@ -51,7 +52,10 @@ def _timestamp_in_utc(value: object) -> object:
         raise ValueError(ISO_HINT)
     if value.tzinfo is None or value.tzinfo is UTC:
         return value  # (a naive one is refused next, by AwareDatetime)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 with an offset that leaves the calendar in UTC
+        raise ValueError(OUT_OF_CALENDAR) from None
 
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, strict=True)]

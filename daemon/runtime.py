@@ -14,7 +14,7 @@ from daemon.writer import Writer
 
 @dataclass(frozen=True, slots=True)
 class BrokerStatus:
-    connected: bool
+    ready: bool  # connected, and every subscription granted at the QoS asked for
     detail: str
 
 

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
-from daemon.fleet import as_arrays
+from simulator.fleet import as_arrays
 from tests.conftest import fresh_database
 from tests.helpers import eventually, meter_json, minutes_ago
 from tests.services import (

@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 import orjson
 
-from daemon.fleet import FAULTY_LOSS, HEALTHY_LOSS, Fleet
 from daemon.readings import MeterReading, VehicleReading
-from daemon.simulate import add_arguments, messages
+from simulator.fleet import FAULTY_LOSS, HEALTHY_LOSS, Fleet
+from simulator.simulate import add_arguments, messages
 
 AT = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 

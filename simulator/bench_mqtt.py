@@ -12,8 +12,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from broker.publisher import RawPublisher
-from daemon.benchkit import (
+from daemon.config import Settings
+from daemon.readings import MeterReading, VehicleReading
+from daemon.writer import row_of
+from db.writes import FlushBatch, flush_batch
+from simulator.benchkit import (
     BoxCpu,
     Daemon,
     Result,
@@ -22,11 +25,8 @@ from daemon.benchkit import (
     histogram_quantile,
     reset,
 )
-from daemon.config import Settings
-from daemon.fleet import Fleet, as_arrays, iso_ms
-from daemon.readings import MeterReading, VehicleReading
-from daemon.writer import row_of
-from db.writes import FlushBatch, flush_batch
+from simulator.fleet import Fleet, as_arrays, iso_ms
+from simulator.publisher import RawPublisher
 
 FLUSH_READINGS = 2000
 # The daemon's default, so that the ceiling writes from as many connections as it flushes on.

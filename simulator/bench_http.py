@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from daemon.benchkit import BoxCpu, Daemon, Result, Services, accepted, reset
+from simulator.benchkit import BoxCpu, Daemon, Result, Services, accepted, reset
 
 WRK_SCRIPT = """
 local counter = 0

@@ -10,8 +10,8 @@ import time
 import asyncpg
 import httpx
 
-from daemon.bench_http import wrk
-from daemon.benchkit import Daemon, Result, Services, prepare, reset
+from simulator.bench_http import wrk
+from simulator.benchkit import Daemon, Result, Services, prepare, reset
 
 
 def _bulk(stream: str, devices: int, days: int, step_min: int) -> str:

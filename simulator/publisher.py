@@ -1,8 +1,9 @@
 """A fast, plain-socket MQTT 5 publisher for the simulator and the benchmarks.
 
-Packets are prepared as bytes and written in large chunks; QoS 1 acknowledgements are read
-back as they come, with at most `window` messages in flight. A Python client that handles
-one message at a time tops out near 5,500 QoS 1 messages/s, too slow to measure the daemon.
+Packets are encoded by the `mqtt5` codec ahead of time and written in large chunks; QoS 1
+acknowledgements are read back as they come, with at most `window` messages in flight. A
+Python client that handles one message at a time tops out near 5,500 QoS 1 messages/s, too
+slow to measure the daemon.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from broker import packets
+import mqtt5
 
 CHUNK = 500
 
@@ -31,49 +32,52 @@ class RawPublisher:
         self.sock = socket.create_connection((host, port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray()
+        self.connack: mqtt5.ConnAckPacket | None = None
         self._next_id = 0
         self.inflight = 0
         self.acked = 0
         self.refused = 0
         self.sock.sendall(
-            packets.connect(
-                client_id=client_id,
-                keepalive_s=60,
+            mqtt5.ConnectPacket(
+                client_id,
+                keep_alive=60,
                 clean_start=True,
-                session_expiry_s=0,
-                receive_maximum=65535,
                 username=username,
-                password=password,
-            )
+                password=password.encode() if password is not None else None,
+            ).write()
         )
-        connack = self._read_connack()
-        if connack:
-            raise ConnectionError(f"broker refused the connection: reason {connack}")
+        while self.connack is None:
+            self._absorb(self.sock.recv(1 << 16))
+        if self.connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+            raise ConnectionError(f"broker refused the connection: {self.connack.reason_code!r}")
 
     def _packet_id(self) -> int:
         self._next_id = self._next_id % 65535 + 1
         return self._next_id
 
-    def _absorb(self, data: bytes) -> int | None:
-        """Count the acks in `data`; the reason code of a CONNACK among them, if any."""
+    def _absorb(self, data: bytes) -> None:
+        """Count the acks in `data` (and keep a CONNACK among them)."""
         if not data:
             raise ConnectionError("broker closed the connection")
         self._buffer += data
-        connack = None
-        for packet in packets.read_packets(self._buffer):
-            if isinstance(packet, packets.Control):
-                if packet.kind == packets.CONNACK:
-                    connack = packet.reason
-                elif packet.kind == packets.PUBACK:
+        used = 0
+        with memoryview(self._buffer) as view:
+            while used < len(view):
+                rest = view[used:]
+                try:
+                    packet, size = mqtt5.read(rest)
+                except IndexError:  # the rest of this packet has not arrived
+                    break
+                finally:
+                    rest.release()
+                used += size
+                if isinstance(packet, mqtt5.PubAckPacket):
                     self.inflight -= 1
                     self.acked += 1
-                    self.refused += packet.reason >= 0x80
-        return connack
-
-    def _read_connack(self) -> int:
-        while (reason := self._absorb(self.sock.recv(1 << 16))) is None:
-            pass
-        return reason
+                    self.refused += packet.reason_code.value >= 0x80
+                elif isinstance(packet, mqtt5.ConnAckPacket):
+                    self.connack = packet
+        del self._buffer[:used]
 
     def _read_until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -97,7 +101,7 @@ class RawPublisher:
         chunk: list[bytes] = []
         for topic, payload in messages:
             packet_id = self._packet_id() if qos else 0
-            chunk.append(packets.publish(topic, payload, qos=qos, packet_id=packet_id))
+            chunk.append(_publish_packet(topic, payload, qos, packet_id))
             if len(chunk) >= CHUNK:
                 sent += self._send(chunk, qos)
                 chunk = []
@@ -141,7 +145,7 @@ class RawPublisher:
 
     def publish_chunk(self, messages: Sequence[tuple[str, bytes]], *, qos: int = 1) -> None:
         chunk = [
-            packets.publish(topic, payload, qos=qos, packet_id=self._packet_id() if qos else 0)
+            _publish_packet(topic, payload, qos, self._packet_id() if qos else 0)
             for topic, payload in messages
         ]
         for start in range(0, len(chunk), CHUNK):
@@ -149,6 +153,12 @@ class RawPublisher:
 
     def close(self) -> None:
         try:
-            self.sock.sendall(packets.DISCONNECT_PACKET)
+            self.sock.sendall(mqtt5.DisconnectPacket().write())
         finally:
             self.sock.close()
+
+
+def _publish_packet(topic: str, payload: bytes, qos: int, packet_id: int) -> bytes:
+    return mqtt5.PublishPacket(
+        topic, payload, qos=mqtt5.QoS(qos), packet_id=packet_id if qos else None
+    ).write()

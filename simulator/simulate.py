@@ -2,7 +2,7 @@
 
 Readings start at `--start` (in the past to backfill history) and go on minute by minute;
 a share arrives late (out of order) and a share twice, as from real devices and gateways.
-For load, several processes publish prepared packets with QoS 1 pipelined (broker.publisher).
+For load, several processes publish prepared packets with QoS 1 pipelined (simulator.publisher).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from broker.publisher import RawPublisher
 from daemon.config import MqttEndpoint, Settings
-from daemon.fleet import Fleet, as_arrays
+from simulator.fleet import Fleet, as_arrays
+from simulator.publisher import RawPublisher
 
 log = logging.getLogger("energy-ingest.simulate")
 Message = tuple[str, bytes]

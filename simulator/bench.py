@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from daemon.bench_analytics import analytics
-from daemon.bench_http import http
-from daemon.bench_mqtt import drain, live
-from daemon.benchkit import Result, services
+from simulator.bench_analytics import analytics
+from simulator.bench_http import http
+from simulator.bench_mqtt import drain, live
+from simulator.benchkit import Result, services
 
 SCENARIOS = (
     "mqtt-drain",

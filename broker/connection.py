@@ -1,0 +1,223 @@
+"""One connection to the broker: bytes in and out, packets through the `mqtt5` codec.
+
+Why an asyncio protocol of our own around the codec rather than a client library: the daemon
+acknowledges a message only after the transaction holding it has committed, so it needs
+manual acknowledgement, and it drains stored backlogs of tens of thousands of messages. Here
+one `data_received` decodes every packet of the chunk it got, and the acknowledgements of a
+whole flush leave in one write (README, "How delivery works"; BENCHMARKS.md).
+
+Control packets (CONNACK, SUBACK, PINGRESP, DISCONNECT) are always read and acted on, also
+while the daemon's buffer is full: then PUBLISH packets wait here, in arrival order, and only
+when they hold more than `BACKLOG_MAX_BYTES` does the connection stop reading the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import mqtt5
+
+log = logging.getLogger(__name__)
+
+# PUBLISH payloads held while the daemon's buffer is full, before the socket is paused.
+# QoS 1 messages are also bounded by the Receive Maximum the daemon asks for; QoS 0 ones
+# are not, so bytes are the bound.
+BACKLOG_MAX_BYTES = 32 * 1024 * 1024
+# A CONNACK of MQTT 3.1.1 has a remaining length of 2 (flags, return code); an MQTT 5 one
+# always carries a property length too, so it is never that short.
+V311_CONNACK_HEADER = b"\x20\x02"
+
+
+class BrokerTooOld(Exception):
+    """The broker answered in MQTT 3.1.1: it cannot serve an MQTT 5 client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    topic: str
+    payload: bytes
+    qos: int
+    packet_id: int  # 0 for QoS 0
+    generation: int  # the connection that delivered it: acks go back on that one only
+
+
+class Owner(Protocol):
+    """What a connection reports to the session that owns it (broker.subscriber)."""
+
+    paused: bool
+    on_delivery: Callable[[Delivery], None]
+
+    def on_suback(self, connection: Connection, suback: mqtt5.SubAckPacket) -> None: ...
+
+    def on_server_disconnect(
+        self, connection: Connection, packet: mqtt5.DisconnectPacket
+    ) -> None: ...
+
+    def on_protocol_error(self, connection: Connection, problem: str) -> None: ...
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, owner: Owner, generation: int, *, max_packet_bytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.owner = owner
+        self.generation = generation
+        self.max_packet_bytes = max_packet_bytes
+        self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[mqtt5.ConnAckPacket] = loop.create_future()
+        self.closed: asyncio.Future[Exception | None] = loop.create_future()
+        self.last_heard = time.monotonic()
+        self.ping_sent_at: float | None = None
+        self.reading_paused = False
+        self.closing = False
+        self._buffer = bytearray()
+        self._backlog: deque[mqtt5.PublishPacket] = deque()
+        self._backlog_bytes = 0
+        self._outgoing: list[bytes] = []
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not subclasses of asyncio.Transport, but behave as one.)
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        self._buffer += data
+        if not self.connack.done() and self._buffer.startswith(V311_CONNACK_HEADER):
+            if len(self._buffer) >= 4:
+                code = self._buffer[3]
+                self.connack.set_exception(BrokerTooOld(f"MQTT 3.1.1 return code {code}"))
+                self.close()
+            return
+        used = self._decode()
+        if used is None:
+            return
+        del self._buffer[:used]
+        if len(self._buffer) > self.max_packet_bytes + 8:
+            self._protocol_error(
+                f"a packet over {self.max_packet_bytes} bytes, the Maximum Packet Size asked for",
+                mqtt5.DisconnectReasonCode.PACKET_TOO_LARGE,
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.connack.done():
+            self.connack.set_exception(ConnectionError(f"closed before CONNACK ({exc or 'EOF'})"))
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+    # -- decoding -----------------------------------------------------------------------
+
+    def _decode(self) -> int | None:
+        """Handle every whole packet in the buffer; the bytes used, or None if the
+        connection is being closed (a packet the codec refused)."""
+        used = 0
+        with memoryview(self._buffer) as view:
+            while used < len(view) and not self.closing:
+                rest = view[used:]
+                try:
+                    packet, size = mqtt5.read(rest)
+                except IndexError:  # the rest of the packet has not arrived yet
+                    break
+                except Exception as error:
+                    self._protocol_error(
+                        f"a malformed packet ({error})", mqtt5.DisconnectReasonCode.MALFORMED_PACKET
+                    )
+                    return None
+                finally:
+                    rest.release()
+                used += size
+                self._handle(packet)
+        return used
+
+    def _handle(self, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, mqtt5.PublishPacket):
+            if self.owner.paused or self._backlog:
+                self._hold(packet)
+            else:
+                self._deliver(packet)
+        elif isinstance(packet, mqtt5.PingRespPacket):
+            self.ping_sent_at = None
+        elif isinstance(packet, mqtt5.SubAckPacket):
+            self.owner.on_suback(self, packet)
+        elif isinstance(packet, mqtt5.PubRelPacket):
+            # Second half of a QoS 2 delivery, after our PUBREC (which waited for the commit).
+            self.send(mqtt5.PubCompPacket(packet.packet_id).write())
+        elif isinstance(packet, mqtt5.DisconnectPacket):
+            self.owner.on_server_disconnect(self, packet)
+            self.close()
+        elif isinstance(packet, mqtt5.ConnAckPacket) and not self.connack.done():
+            self.connack.set_result(packet)
+        else:
+            self._protocol_error(
+                f"an unexpected {type(packet).__name__}", mqtt5.DisconnectReasonCode.PROTOCOL_ERROR
+            )
+
+    def _deliver(self, packet: mqtt5.PublishPacket) -> None:
+        delivery = Delivery(
+            packet.topic, packet.payload, packet.qos.value, packet.packet_id or 0, self.generation
+        )
+        try:
+            self.owner.on_delivery(delivery)
+        except Exception:  # the intake records its own failures; this is the last net
+            log.exception("MQTT: a message on %r could not be handed over", packet.topic)
+
+    def _hold(self, packet: mqtt5.PublishPacket) -> None:
+        self._backlog.append(packet)
+        self._backlog_bytes += len(packet.payload)
+        if self._backlog_bytes > BACKLOG_MAX_BYTES and not self.reading_paused:
+            self.reading_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def hand_over_backlog(self) -> None:
+        """Deliver held messages until the owner pauses again; read more once they fit."""
+        backlog = self._backlog
+        while backlog and not self.owner.paused and not self.closing:
+            packet = backlog.popleft()
+            self._backlog_bytes -= len(packet.payload)
+            self._deliver(packet)
+        if self.reading_paused and self._backlog_bytes <= BACKLOG_MAX_BYTES // 2:
+            self.reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # -- writing ------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes; everything queued in one turn of the event loop leaves in one write."""
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._outgoing.append(data)
+
+    def flush(self) -> None:
+        if self._outgoing and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._outgoing))
+        self._outgoing.clear()
+
+    def ping(self) -> None:
+        if self.ping_sent_at is None:
+            self.ping_sent_at = time.monotonic()
+        self.send(mqtt5.PingReqPacket().write())
+
+    def disconnect(self, reason: mqtt5.DisconnectReasonCode) -> None:
+        """Send what is queued, then DISCONNECT, then close."""
+        self.send(mqtt5.DisconnectPacket(reason_code=reason).write())
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _protocol_error(self, problem: str, reason: mqtt5.DisconnectReasonCode) -> None:
+        """The broker broke the protocol: MQTT says close the connection. Nothing of this
+        connection not yet acked is acked now; the broker delivers it again."""
+        self.owner.on_protocol_error(self, problem)
+        self.disconnect(reason)
