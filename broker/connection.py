@@ -6,9 +6,10 @@ manual acknowledgement, and it drains stored backlogs of tens of thousands of me
 one `data_received` decodes every packet of the chunk it got, and the acknowledgements of a
 whole flush leave in one write (README, "How delivery works"; BENCHMARKS.md).
 
-Control packets (CONNACK, SUBACK, PINGRESP, DISCONNECT) are always read and acted on, also
-while the daemon's buffer is full: then PUBLISH packets wait here, in arrival order, and only
-when they hold more than `BACKLOG_MAX_BYTES` does the connection stop reading the socket.
+Control packets (CONNACK, SUBACK, PINGRESP, DISCONNECT) are read and acted on also while the
+daemon's buffer is full: PUBLISH packets then wait here, in arrival order, and only past
+`BACKLOG_MAX_MESSAGES` or `BACKLOG_MAX_BYTES` of them does the connection stop reading the
+socket (a CONNACK, first on a connection, is always read).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import mqtt5
 
 log = logging.getLogger(__name__)
 
-# PUBLISH payloads held while the daemon's buffer is full, before the socket is paused.
-# QoS 1 messages are also bounded by the Receive Maximum the daemon asks for; QoS 0 ones
-# are not, so bytes are the bound.
-BACKLOG_MAX_BYTES = 32 * 1024 * 1024
+# PUBLISH packets held while the daemon's buffer is full, before the socket is paused: enough
+# to reach the control packets behind a few flushes' worth of messages, little memory. (Each
+# held message costs about 450 bytes besides its payload: bounded by 32 MiB of payload alone,
+# a drain of 200,000 stored messages held up to 146,000 of them, 65 MB; BENCHMARKS.md.)
+BACKLOG_MAX_MESSAGES = 2_000
+BACKLOG_MAX_BYTES = 8 * 1024 * 1024
 # A CONNACK of MQTT 3.1.1 has a remaining length of 2 (flags, return code); an MQTT 5 one
 # always carries a property length too, so it is never that short.
 V311_CONNACK_HEADER = b"\x20\x02"
@@ -170,7 +173,8 @@ class Connection(asyncio.Protocol):
     def _hold(self, packet: mqtt5.PublishPacket) -> None:
         self._backlog.append(packet)
         self._backlog_bytes += len(packet.payload)
-        if self._backlog_bytes > BACKLOG_MAX_BYTES and not self.reading_paused:
+        full = len(self._backlog) > BACKLOG_MAX_MESSAGES or self._backlog_bytes > BACKLOG_MAX_BYTES
+        if full and not self.reading_paused:
             self.reading_paused = True
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -182,7 +186,11 @@ class Connection(asyncio.Protocol):
             packet = backlog.popleft()
             self._backlog_bytes -= len(packet.payload)
             self._deliver(packet)
-        if self.reading_paused and self._backlog_bytes <= BACKLOG_MAX_BYTES // 2:
+        if (
+            self.reading_paused
+            and len(backlog) <= BACKLOG_MAX_MESSAGES // 2
+            and self._backlog_bytes <= BACKLOG_MAX_BYTES // 2
+        ):
             self.reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import pwd
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from broker.tls import TlsFilesError
 from daemon.app import endpoints, prepare_database, serve
 from daemon.config import Settings
 from daemon.embedded import ServiceError
-from daemon.provision import ProvisionError, provision
+from daemon.provision import BrokerFiles, ProvisionError, Role, provision
 
 
 def _settings() -> Settings:
@@ -34,6 +35,17 @@ async def _migrate(settings: Settings) -> None:
     async with endpoints(settings, broker=False) as urls:
         await prepare_database(settings, urls.database_url)
         logging.getLogger("energy-ingest").info("migrations applied, partitions in place")
+
+
+def _uid(owner: str | None) -> int | None:
+    if owner is None:
+        return None
+    if owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ProvisionError(f"no user {owner!r} on this machine (give a uid)") from None
 
 
 def tune_gc() -> None:
@@ -77,17 +89,29 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("migrate", help="apply pending schema migrations and create partitions")
     provisioning = commands.add_parser(
         "provision",
-        help="give a device (or the daemon) an MQTT password; prints it",
-        description="Adds or replaces USERNAME in Mosquitto's password file. A device's user "
-        "name is its meterId / vehicleId; the ACL lets it publish only to its own topics. "
-        "Reload the broker afterwards (SIGHUP) for it to take effect.",
+        help="give a device or a daemon replica its broker user; prints its password",
+        description="Adds or replaces ID in Mosquitto's password file and ACL. A meter may "
+        "then publish only to meters/ID/telemetry, a vehicle only to vehicles/ID/telemetry, a "
+        "daemon replica may only read telemetry. Reload the broker afterwards (SIGHUP).",
     )
-    provisioning.add_argument("username", help="device id, or energy-ingest for the daemon")
+    provisioning.add_argument("role", choices=[r.value for r in Role])
+    provisioning.add_argument("id", help="the device id (meterId / vehicleId), or a replica name")
     provisioning.add_argument(
         "--password-file",
         type=Path,
         default=Path("deploy/mosquitto/passwd"),
         help="Mosquitto password file (default: %(default)s)",
+    )
+    provisioning.add_argument(
+        "--acl-file",
+        type=Path,
+        default=Path("deploy/mosquitto/acl"),
+        help="Mosquitto ACL file (default: %(default)s)",
+    )
+    provisioning.add_argument(
+        "--owner",
+        help="user (name or uid) who owns both files: the broker's own, which reads them "
+        "after dropping root (1883 in the eclipse-mosquitto image); default: keep the owner",
     )
     provisioning.add_argument("--password", help="use this password instead of a random one")
     commands.add_parser(
@@ -108,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "provision":
         try:
-            print(provision(args.password_file, args.username, args.password))
-        except ProvisionError as error:
+            files = BrokerFiles(args.password_file, args.acl_file, _uid(args.owner))
+            print(provision(files, Role(args.role), args.id, args.password))
+        except (ProvisionError, OSError) as error:
             sys.exit(f"energy-ingest: {error}")
         return
 

@@ -43,6 +43,12 @@ _DEPLOYMENT_KEYS = {
     "user",
     "log_type",
     "per_listener_settings",
+    "use_username_as_clientid",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "require_certificate",
+    "tls_version",
 }
 
 
@@ -304,10 +310,21 @@ def mosquitto_binary() -> str:
 
 @dataclass(frozen=True, slots=True)
 class BrokerAuth:
-    """Password file and ACL for a private broker that checks credentials like a deployment."""
+    """Password file and ACL for a private broker that checks credentials like a deployment
+    (and, as the shipped one, makes each client's id its user name)."""
 
     password_file: Path
     acl_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """A TLS listener beside the plain one (its port chosen at start)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = False
 
 
 def private_broker_config(
@@ -319,6 +336,8 @@ def private_broker_config(
     pid_file: Path,
     user: str,
     auth: BrokerAuth | None = None,
+    tls: BrokerTls | None = None,
+    tls_port: int = 0,
 ) -> str:
     """The shipped delivery settings, with a loopback listener and local files."""
     kept = []
@@ -346,19 +365,41 @@ def private_broker_config(
         ]
     else:
         kept += [
+            "use_username_as_clientid true",
             "allow_anonymous false",
             f"password_file {auth.password_file}",
             f"acl_file {auth.acl_file}",
         ]
+    if tls is not None:
+        kept += [
+            f"listener {tls_port} 127.0.0.1",
+            f"cafile {tls.ca_file}",
+            f"certfile {tls.cert_file}",
+            f"keyfile {tls.key_file}",
+            f"require_certificate {'true' if tls.require_certificate else 'false'}",
+        ]
+        if auth is not None:
+            kept.append("use_username_as_clientid true")
     return "\n".join(kept) + "\n"
 
 
 class EmbeddedMosquitto:
-    """A private Mosquitto under `root`, on loopback, anonymous (demo mode)."""
+    """A private Mosquitto under `root`, on loopback: anonymous (demo mode), or with the
+    password file and ACL of `auth` (copied into its folder, readable by its user alone, as
+    Mosquitto reads them after dropping root), and a TLS listener with `tls`."""
 
-    def __init__(self, root: Path, *, port: int, auth: BrokerAuth | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int,
+        auth: BrokerAuth | None = None,
+        tls: BrokerTls | None = None,
+    ) -> None:
         self.owner = run_as("mosquitto")
         self.auth = auth
+        self.tls = tls
+        self.tls_port = 0
         self.root = owned_folder(root, self.owner)
         self.data = self.root / "data"
         self.conf = self.root / "mosquitto.conf"
@@ -372,12 +413,38 @@ class EmbeddedMosquitto:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    def _own_copy(self, source: Path) -> Path:
+        copy = self.root / f"{source.name}.broker"
+        shutil.copyfile(source, copy)
+        copy.chmod(0o600)
+        if self.owner.is_other:
+            os.chown(copy, self.owner.uid, self.owner.gid)
+        return copy
+
+    def _copies(self) -> tuple[BrokerAuth | None, BrokerTls | None]:
+        auth = tls = None
+        if self.auth is not None:
+            auth = BrokerAuth(
+                self._own_copy(self.auth.password_file), self._own_copy(self.auth.acl_file)
+            )
+        if self.tls is not None:
+            tls = BrokerTls(
+                self._own_copy(self.tls.ca_file),
+                self._own_copy(self.tls.cert_file),
+                self._own_copy(self.tls.key_file),
+                self.tls.require_certificate,
+            )
+        return auth, tls
+
     def start(self) -> str:
         binary = mosquitto_binary()
         self._stop_leftover()
         self.port = choose_port(self._wanted_port, "Mosquitto")
         self._wanted_port = self.port
+        if self.tls is not None and not self.tls_port:
+            self.tls_port = free_port()
         self.data.mkdir(exist_ok=True)
+        auth, tls = self._copies()
         self.conf.write_text(
             private_broker_config(
                 SHIPPED_MOSQUITTO_CONF.read_text(),
@@ -386,7 +453,9 @@ class EmbeddedMosquitto:
                 log_file=self.log_file,
                 pid_file=self.pid_file,
                 user=self.owner.name,
-                auth=self.auth,
+                auth=auth,
+                tls=tls,
+                tls_port=self.tls_port,
             )
         )
         for path in (self.data, self.conf):
@@ -422,6 +491,7 @@ class EmbeddedMosquitto:
     def reload(self) -> None:
         """SIGHUP: the broker reads its password file and ACL again."""
         if self._process is not None:
+            self._copies()
             self._process.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:

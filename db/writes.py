@@ -85,6 +85,16 @@ def truncate_payload(payload: bytes, max_bytes: int) -> str:
     return text + ("…" if len(payload) > max_bytes else "")
 
 
+def storable_text(text: str) -> str:
+    """Text PostgreSQL accepts: no NUL (written as the two characters \\0), no lone UTF-16
+    surrogate (replaced). A rejection must be recordable whatever it quotes."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\0")
+    if not text.isascii():
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
+
+
 @dataclass(slots=True)
 class RejectionRow:
     received_at: datetime
@@ -144,4 +154,10 @@ def _columns(rows: Sequence[Row], width: int) -> list[Sequence[Any]]:
 
 
 def _rejection_row(r: RejectionRow) -> Row:
-    return (r.received_at, r.source, r.topic_or_route, r.payload, r.reason)
+    return (
+        r.received_at,
+        r.source,
+        storable_text(r.topic_or_route),
+        storable_text(r.payload),
+        storable_text(r.reason),
+    )

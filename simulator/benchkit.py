@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -109,7 +110,15 @@ class Daemon:
 
     def start(self) -> float:
         """Start and wait until connected; returns the time it became ready."""
-        self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=self.env)
+        # BENCH_DAEMON_COMMAND runs another build of the daemon under the same benchmark
+        # (scripts/aiomqtt3/measure.sh: the daemon with its MQTT session on aiomqtt 3).
+        command = shlex.split(os.environ.get("BENCH_DAEMON_COMMAND", "")) or [
+            sys.executable,
+            "-m",
+            "daemon",
+            "run",
+        ]
+        self.process = subprocess.Popen(command, env=self.env)
         profile = os.environ.get("BENCH_PROFILE")  # a file for py-spy's collapsed stacks
         if profile:
             beside = Path(sys.executable).parent / "py-spy"  # in the venv, or else on PATH

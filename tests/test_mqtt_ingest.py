@@ -223,3 +223,54 @@ async def test_two_daemons_sharing_a_group_store_each_reading_once(
     finally:
         for replica in replicas:
             assert replica.stop() == 0, replica.log()
+
+
+POISON = [
+    # Valid ISO 8601, past year 9999 once in UTC: this one stopped all MQTT ingestion.
+    b'{"meterId": "%s", "kwhConsumedAc": 1, "voltage": 230, '
+    b'"timestamp": "9999-12-31T23:59:59-01:00"}',
+    b'{"meterId": "%s", "kwhConsumedAc": 1, "voltage": 230, '
+    b'"timestamp": "0001-01-01T00:00:00+01:00"}',
+    b"\xff\xfe not UTF-8 %s",
+    b'{"meterId": "%s\x00", "voltage": "\x00"}',
+    b"[" * 5000 + b"%s",
+    b'[1, 2, {"meterId": "%s"}, "x"]',
+    b'{"meterId": "%s", "kwhConsumedAc": NaN, "voltage": Infinity, "timestamp": 1}',
+    b'{"meterId": "%s", "kwhConsumedAc": 1e999, "voltage": -0.0, "timestamp": "2026-13-45T00:00Z"}',
+]
+
+
+async def test_poison_messages_among_valid_ones_never_drop_the_connection(
+    daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
+) -> None:
+    meter = new_id("P")
+    topic = f"meters/{meter}/telemetry"
+    disconnects_before = metric_sum(daemon, "energy_ingest_mqtt_disconnects_total")
+    messages: list[tuple[str, bytes | str]] = []
+    for n, poison in enumerate(POISON):
+        messages.append((topic, meter_json(meter, minutes_ago(n + 1))))
+        messages.append((topic, poison.replace(b"%s", meter.encode())))
+    messages.append((topic, meter_json(meter, minutes_ago(len(POISON) + 1))))
+    publisher.publish_all(messages)
+
+    async def all_valid_stored() -> bool:
+        return await count(db, "meter_readings", "meter_id", meter) == len(POISON) + 1
+
+    await eventually(all_valid_stored)
+
+    async def every_poison_rejected() -> list[str] | None:
+        reasons = await rejections_for(db, topic)
+        return reasons if len(reasons) >= len(POISON) else None
+
+    reasons = await eventually(every_poison_rejected)
+    assert any("outside the calendar" in r for r in reasons)
+    assert metric_sum(daemon, "energy_ingest_mqtt_disconnects_total") == disconnects_before
+    assert (await asyncio.to_thread(daemon.get, "/health")).status_code == 200
+
+
+def metric_sum(daemon: DaemonProcess, prefix: str) -> float:
+    return sum(
+        float(line.split()[-1])
+        for line in daemon.get("/metrics").text.splitlines()
+        if line.startswith(prefix)
+    )
