@@ -110,7 +110,7 @@ def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
         daemon.stop()
         publish_rate = publish_parallel(svc.broker.port, messages)
         daemon = Daemon(svc, flush_max_readings=FLUSH_READINGS, flush_concurrency=FLUSH_CONCURRENCY)
-        ready_at = daemon.start()
+        connected_at = daemon.start(until_ready=False)
         box = BoxCpu()
         cpu_before = daemon.cpu_s()
         while True:
@@ -118,7 +118,7 @@ def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
             if accepted(metrics) >= total:
                 break
             time.sleep(0.05)
-        drain_s = metrics["energy_ingest_last_commit_unixtime"] - ready_at
+        drain_s = metrics["energy_ingest_last_commit_unixtime"] - connected_at
         cpu = daemon.cpu_s() - cpu_before
         box_cpu = box.measure()
         rss = daemon.peak_rss_mb()

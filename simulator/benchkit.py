@@ -108,8 +108,11 @@ class Daemon:
         self.profiler: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> float:
-        """Start and wait until connected; returns the time it became ready."""
+    def start(self, *, until_ready: bool = True) -> float:
+        """Start and wait until ready (or only until connected to the broker); returns that
+        time. A drain is timed from the connection: a stored backlog comes before the SUBACK
+        that makes the daemon ready, and timing from readiness would leave its start out.
+        """
         # BENCH_DAEMON_COMMAND runs another build of the daemon under the same benchmark
         # (scripts/aiomqtt3/measure.sh: the daemon with its MQTT session on aiomqtt 3).
         command = shlex.split(os.environ.get("BENCH_DAEMON_COMMAND", "")) or [
@@ -142,7 +145,11 @@ class Daemon:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                health = httpx.get(self.url + "/health", timeout=1)
+                broker = health.json()["broker"]
+                if health.status_code == 200 or (
+                    not until_ready and broker["detail"].startswith("connected")
+                ):
                     return time.time()
             time.sleep(0.005)
         raise RuntimeError("the daemon did not become ready")
