@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,8 +15,14 @@ def problem(field: str, message: str) -> dict[str, str]:
     return {"field": field, "message": message}
 
 
-async def read_json(request: Request, *, max_bytes: int) -> Any:
-    """The decoded JSON body; 413 past `max_bytes` (declared or streamed), 400 if malformed."""
+@dataclass(frozen=True, slots=True)
+class JsonBody:
+    raw: bytes  # as received: what a rejection record keeps
+    data: Any
+
+
+async def read_json(request: Request, *, max_bytes: int) -> JsonBody:
+    """The JSON body; 413 past `max_bytes` (declared or streamed), 400 if malformed."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -33,7 +40,7 @@ async def read_json(request: Request, *, max_bytes: int) -> Any:
     if not body:
         raise ApiError(400, [problem("", "empty body: expected JSON")])
     try:
-        return orjson.loads(body)
+        return JsonBody(body, orjson.loads(body))
     except orjson.JSONDecodeError as error:
         raise ApiError(400, [problem("", f"malformed JSON: {error}")]) from None
 

@@ -11,17 +11,24 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 
 from api.auth import require
-from api.body import problem, read_json
+from api.body import JsonBody, problem, read_json
 from api.responses import JSON, ApiError, unavailable
 from api.state import runtime_of
-from daemon.readings import ID_FIELDS, Problem, Reading, Rejected, Stream, validate_reading
+from daemon.readings import (
+    ID_FIELDS,
+    ParsedPayload,
+    Problem,
+    Reading,
+    Rejected,
+    Stream,
+    validate_reading,
+)
 from daemon.runtime import Runtime
 from daemon.writer import Outcome, Overloaded, Submission
-from db.writes import RejectionRow, truncate_payload
+from db.writes import RejectionRow, payload_text
 
 RETRY_AFTER_S = 2
 
@@ -34,12 +41,13 @@ def _problems(rejected: Rejected) -> list[dict[str, str]]:
     return [problem(p.field, p.message) for p in rejected.problems]
 
 
-def _rejection_row(runtime: Runtime, request: Request, item: Any, reason: str) -> RejectionRow:
+def _rejection_row(runtime: Runtime, request: Request, body: JsonBody, reason: str) -> RejectionRow:
+    """One record per request, with the body as received, however many readings it held."""
     return RejectionRow(
         received_at=datetime.now(UTC),
         source="http",
         topic_or_route=_route(request),
-        payload=truncate_payload(orjson.dumps(item), runtime.settings.rejection_payload_max_bytes),
+        payload=payload_text(body.raw, runtime.settings.rejection_payload_max_bytes),
         reason=reason,
     )
 
@@ -73,36 +81,36 @@ def _record_rejection(runtime: Runtime, row: RejectionRow) -> None:
 
 async def _single(request: Request, stream: Stream | None) -> JSON:
     runtime = runtime_of(request)
-    item = await read_json(request, max_bytes=runtime.settings.max_body_bytes)
-    kind = stream if stream is not None else stream_of(item)
+    body = await read_json(request, max_bytes=runtime.settings.max_body_bytes)
+    kind = stream if stream is not None else stream_of(body.data)
     result: Reading | Rejected = (
         kind
         if isinstance(kind, Rejected)
-        else validate_reading(kind, item, now=datetime.now(UTC), window=runtime.window)
+        else validate_reading(kind, body.data, now=datetime.now(UTC), limits=runtime.limits)
     )
     if isinstance(result, Rejected):
         runtime.writer.metrics.rejected(
             kind.value if isinstance(kind, Stream) else "unknown", "http"
         )
-        _record_rejection(runtime, _rejection_row(runtime, request, item, result.reason))
+        _record_rejection(runtime, _rejection_row(runtime, request, body, result.reason))
         raise ApiError(422, _problems(result))
     outcome = await _commit(runtime, [result], [])
     if outcome.refused_by_database:
         reason = f"refused by the database: {outcome.refused_by_database[0]}"
         raise ApiError(422, [problem("", reason)])
-    body = {
+    answer = {
         "status": "accepted" if outcome.accepted else "duplicate",
         "stream": result.stream.value,
         "deviceId": result.device_id,
         "timestamp": result.timestamp,
     }
-    return JSON(body, status_code=201)
+    return JSON(answer, status_code=201)
 
 
 async def _batch(request: Request, stream: Stream) -> JSON:
     runtime = runtime_of(request)
     body = await read_json(request, max_bytes=runtime.settings.max_body_bytes)
-    items = body.get("readings") if isinstance(body, dict) else None
+    items = body.data.get("readings") if isinstance(body.data, dict) else None
     if not isinstance(items, list):
         raise ApiError(422, [problem("readings", 'expected {"readings": [ ... ]}')])
     limit = runtime.settings.max_batch_readings
@@ -112,19 +120,20 @@ async def _batch(request: Request, stream: Stream) -> JSON:
             [problem("readings", f"{len(items)} readings; at most {limit} (MAX_BATCH_READINGS)")],
         )
     now = datetime.now(UTC)
-    readings: list[Reading] = []
-    rejected: list[Rejected] = []
-    rows: list[RejectionRow] = []
+    rejected: list[Rejected] = []  # every one, for the answer (at most MAX_BATCH_READINGS)
+    parsed = ParsedPayload(items=len(items))  # the readings, and the record's summary
     for index, item in enumerate(items):
-        result = validate_reading(stream, item, now=now, window=runtime.window, index=index)
+        result = validate_reading(stream, item, now=now, limits=runtime.limits, index=index)
         if isinstance(result, Rejected):
             rejected.append(result)
-            rows.append(_rejection_row(runtime, request, item, result.reason))
+            parsed.reject(result)
         else:
-            readings.append(result)
+            parsed.readings.append(result)
+    rows = []
     if rejected:
         runtime.writer.metrics.rejected(stream.value, "http", len(rejected))
-    outcome = await _commit(runtime, readings, rows)
+        rows.append(_rejection_row(runtime, request, body, parsed.reason))
+    outcome = await _commit(runtime, parsed.readings, rows)
     refused = len(outcome.refused_by_database)
     return JSON(
         {

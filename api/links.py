@@ -31,7 +31,7 @@ async def link_vehicle(request: Request) -> JSON:
     runtime = runtime_of(request)
     body = await read_json(request, max_bytes=runtime.settings.max_body_bytes)
     try:
-        wanted = LinkRequest.model_validate(body)
+        wanted = LinkRequest.model_validate(body.data)
     except ValidationError as error:
         raise ApiError(
             422,

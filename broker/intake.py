@@ -18,16 +18,9 @@ from datetime import UTC, datetime
 
 from broker.connection import Delivery
 from broker.topics import parse_topic
-from daemon.readings import (
-    ParsedPayload,
-    Problem,
-    Reading,
-    Rejected,
-    TimeWindow,
-    parse_payload,
-)
+from daemon.readings import Limits, ParsedPayload, Reading, parse_payload, whole_payload
 from daemon.writer import Outcome, Overloaded, Submission, Writer
-from db.writes import RejectionRow, truncate_payload
+from db.writes import RejectionRow, payload_text
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +31,12 @@ class MqttIntake:
         *,
         writer: Writer,
         ack: Callable[[Delivery], None],
-        window: TimeWindow,
+        limits: Limits,
         payload_max_bytes: int,
     ) -> None:
         self._writer = writer
         self._ack = ack
-        self._window = window
+        self._limits = limits
         self._payload_max_bytes = payload_max_bytes
         self._failures_logged: set[type[BaseException]] = set()
 
@@ -61,19 +54,22 @@ class MqttIntake:
 
     def _submission(self, delivery: Delivery, now: datetime) -> Submission:
         route = parse_topic(delivery.topic)
+        parsed: ParsedPayload
         if isinstance(route, str):
             stream_name = "unknown"
-            parsed = ParsedPayload([], [Rejected(None, (Problem("topic", route),))])
+            parsed = whole_payload(f"topic: {route}")
         else:
             stream, device_id = route
             stream_name = stream.value
             parsed = parse_payload(
-                stream, delivery.payload, now=now, window=self._window, expected_id=device_id
+                stream, delivery.payload, now=now, limits=self._limits, expected_id=device_id
             )
-        if parsed.rejected:
-            self._writer.metrics.rejected(stream_name, "mqtt", len(parsed.rejected))
-        rejections = [self._rejection(delivery, now, r.reason) for r in parsed.rejected]
-        return self._submit(delivery, now, parsed.readings, rejections)
+        if not parsed.rejected_count:
+            return self._submit(delivery, now, parsed.readings, [])
+        self._writer.metrics.rejected(stream_name, "mqtt", parsed.rejected_count)
+        # One record per message, however many bad readings it held.
+        rejection = self._rejection(delivery, now, parsed.reason)
+        return self._submit(delivery, now, parsed.readings, [rejection])
 
     def _failure(self, delivery: Delivery, now: datetime, error: Exception) -> Submission:
         self._writer.metrics.mqtt_intake_failures.inc()
@@ -88,7 +84,7 @@ class MqttIntake:
             received_at=now,
             source="mqtt",
             topic_or_route=delivery.topic,
-            payload=truncate_payload(delivery.payload, self._payload_max_bytes),
+            payload=payload_text(delivery.payload, self._payload_max_bytes),
             reason=reason,
         )
 

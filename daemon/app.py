@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 import uvicorn
@@ -28,16 +29,17 @@ from broker.topics import subscriptions
 from daemon.config import MqttEndpoint, Settings
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
 from daemon.metrics import Metrics
-from daemon.readings import TimeWindow
+from daemon.readings import Limits
 from daemon.runtime import BrokerStatus, Runtime
+from daemon.upkeep import Housekeeping, run_upkeep
 from daemon.writer import Submission, Writer
 from db.migrate import migrate
-from db.partitions import upkeep
 from db.pool import connect, create_pool
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_FLUSH_TIMEOUT_S = 15.0
+HTTP_DRAIN_S = 2.0
+PUBACK_GRACE_S = 0.05
 DB_WAIT_LOG_EVERY_S = 10.0
 
 
@@ -83,16 +85,6 @@ async def prepare_database(settings: Settings, database_url: str) -> None:
         await run_upkeep(conn, settings)
     finally:
         await conn.close()
-
-
-async def run_upkeep(conn: asyncpg.Connection, settings: Settings) -> None:
-    await upkeep(
-        conn,
-        schema=settings.db_schema,
-        now=datetime.now(UTC),
-        retention_days=settings.retention_days,
-        lookahead_days=settings.partition_lookahead_days,
-    )
 
 
 def _safe(url: str) -> str:
@@ -152,9 +144,10 @@ def session_settings(settings: Settings, endpoint: MqttEndpoint) -> SessionSetti
 async def _run_daemon(
     settings: Settings, urls: Endpoints, pool: asyncpg.Pool, stop: asyncio.Event
 ) -> bool:
-    window = TimeWindow(
+    limits = Limits(
         retention=timedelta(days=settings.retention_days),
         future_skew=timedelta(seconds=settings.future_skew_s),
+        max_kwh=settings.max_kwh_per_reading,
     )
     metrics = Metrics()
     writer = Writer(
@@ -191,7 +184,7 @@ async def _run_daemon(
     intake = MqttIntake(
         writer=writer,
         ack=subscriber.ack,
-        window=window,
+        limits=limits,
         payload_max_bytes=settings.rejection_payload_max_bytes,
     )
     writer.room_listeners.append(subscriber.resume)
@@ -201,12 +194,14 @@ async def _run_daemon(
             "may ingest and read. Set INGEST_API_KEYS and OPERATOR_API_KEYS.",
             settings.http_port,
         )
+    housekeeping = Housekeeping(settings, pool, writer, metrics)
     runtime = Runtime(
         settings=settings,
         pool=pool,
         writer=writer,
-        window=window,
+        limits=limits,
         broker_status=lambda: BrokerStatus(subscriber.ready, subscriber.detail),
+        upkeep_status=lambda: housekeeping.status,
     )
     server = _QuietServer(
         uvicorn.Config(
@@ -225,7 +220,7 @@ async def _run_daemon(
     writer_task = asyncio.create_task(writer.run(), name="writer")
     mqtt_task = asyncio.create_task(subscriber.run(), name="mqtt")
     http_task = asyncio.create_task(server.serve(), name="http")
-    upkeep_task = asyncio.create_task(_upkeep_loop(settings, pool), name="upkeep")
+    upkeep_task = asyncio.create_task(housekeeping.run(), name="housekeeping")
     log.info(
         "serving HTTP on http://%s:%d, MQTT from %s as %r",
         settings.http_host,
@@ -241,13 +236,7 @@ async def _run_daemon(
     for task in crashed:
         error = task.exception()
         log.error("%s stopped: %s", task.get_name(), error if error else "it returned")
-    log.info("stopping: no new readings; flushing %d buffered", writer.depth)
-    subscriber.pause()
-    server.should_exit = True
-    await asyncio.wait({http_task}, timeout=5)
-    writer.stop()
-    await asyncio.wait({writer_task}, timeout=SHUTDOWN_FLUSH_TIMEOUT_S)
-    await asyncio.sleep(0.05)  # let queued PUBACKs reach the socket before disconnecting
+    await _shut_down(settings, server, subscriber, writer, http_task, writer_task)
     for task in (mqtt_task, upkeep_task, writer_task, http_task, stop_task):
         task.cancel()
     await asyncio.gather(
@@ -257,11 +246,32 @@ async def _run_daemon(
     return not crashed
 
 
-async def _upkeep_loop(settings: Settings, pool: asyncpg.Pool) -> None:
-    while True:
-        await asyncio.sleep(settings.upkeep_interval_s)
-        try:
-            async with pool.acquire() as conn:
-                await run_upkeep(conn, settings)
-        except Exception as error:  # the next round tries again; writes go on meanwhile
-            log.warning("partition upkeep failed: %s", error)
+async def _shut_down(
+    settings: Settings,
+    server: uvicorn.Server,
+    subscriber: MqttSubscriber,
+    writer: Writer,
+    http_task: asyncio.Task[None],
+    writer_task: asyncio.Task[None],
+) -> None:
+    """Within SHUTDOWN_TIMEOUT_S (below the stop grace period of a container, after which
+    it is killed): no new readings, HTTP answers what it has, the writer commits what it
+    holds and its PUBACKs leave; the caller then disconnects from the broker, keeping the
+    session. What is still unflushed at the deadline is not acknowledged: the broker delivers
+    it again, HTTP callers were answered 503."""
+    deadline = time.monotonic() + settings.shutdown_timeout_s
+    log.info("stopping: no new readings; flushing %d buffered", writer.depth)
+    subscriber.pause()
+    server.should_exit = True
+    await asyncio.wait({http_task}, timeout=min(HTTP_DRAIN_S, settings.shutdown_timeout_s / 3))
+    writer.stop()
+    flush_s = max(0.0, deadline - time.monotonic() - PUBACK_GRACE_S)
+    await asyncio.wait({writer_task}, timeout=flush_s)
+    if not writer_task.done():
+        log.warning(
+            "shutdown deadline (SHUTDOWN_TIMEOUT_S=%s): %d readings not flushed, not "
+            "acknowledged (the broker delivers them again)",
+            settings.shutdown_timeout_s,
+            writer.depth,
+        )
+    await asyncio.sleep(PUBACK_GRACE_S)  # let queued PUBACKs reach the socket

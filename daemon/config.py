@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     partition_lookahead_days: int = Field(default=3, ge=1)
     upkeep_interval_s: int = Field(default=3600, ge=1)
     future_skew_s: int = Field(default=300, ge=0)
+    max_kwh_per_reading: float = Field(default=1000.0, gt=0, le=1e12)
     rejection_payload_max_bytes: int = Field(default=2048, ge=64)
+    # The newest rejections kept (about 2.5 KB each at most): oldest out first, drops counted.
+    rejections_max_rows: int = Field(default=100_000, ge=100)
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
@@ -75,6 +78,9 @@ class Settings(BaseSettings):
     embedded_pg_port: int = Field(default=5433, ge=0, le=65535)
     embedded_mqtt_port: int = Field(default=1883, ge=0, le=65535)
     log_level: str = "INFO"
+    # Below Docker's stop grace period (10 s by default; docker-compose.yml sets 15 s): the
+    # daemon has flushed and disconnected before it would be killed.
+    shutdown_timeout_s: float = Field(default=8.0, gt=0)
 
     @field_validator("mqtt_url")
     @classmethod

@@ -108,7 +108,15 @@ class Metrics:
         )
         self.flush_failures = Counter(
             "energy_ingest_flush_failures",
-            "Flush transactions that failed and were retried",
+            "Flush transactions PostgreSQL refused, by whose fault (DataFailure: a reading's; "
+            "TransientFailure, PersistentFailure: the database's) and SQLSTATE",
+            ["kind", "cause"],
+            registry=r,
+        )
+        self.held_readings = Gauge(
+            "energy_ingest_held_readings",
+            "Readings the database keeps refusing for a reason of its own (a missing "
+            "partition, permissions...): held, not acknowledged, retried",
             registry=r,
         )
         self.lag_seconds = BulkHistogram(
@@ -151,6 +159,21 @@ class Metrics:
         self.mqtt_sessions_lost = Counter(
             "energy_ingest_mqtt_sessions_lost",
             "Reconnects that found no session on the broker where one should have been",
+            registry=r,
+        )
+        self.upkeep_failures = Counter(
+            "energy_ingest_partition_upkeep_failures",
+            "Partition upkeep runs that failed (partitions not created ahead)",
+            registry=r,
+        )
+        self.upkeep_last_success = Gauge(
+            "energy_ingest_partition_upkeep_last_success_unixtime",
+            "When partition upkeep last succeeded",
+            registry=r,
+        )
+        self.rejections_dropped = Counter(
+            "energy_ingest_rejections_dropped",
+            "Rejection records deleted, oldest first, to keep the table within REJECTIONS_MAX_ROWS",
             registry=r,
         )
         self.mqtt_intake_failures = Counter(

@@ -6,6 +6,7 @@ in a gateway's array never sinks the good ones beside it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,10 +79,15 @@ class MeterReading(_Reading):
     timestamp: Timestamp
 
     stream: ClassVar[Stream] = Stream.METER
+    kwh_field: ClassVar[str] = "kwhConsumedAc"
 
     @property
     def device_id(self) -> str:
         return self.meter_id
+
+    @property
+    def kwh(self) -> float:
+        return self.kwh_consumed_ac
 
 
 class VehicleReading(_Reading):
@@ -94,10 +100,15 @@ class VehicleReading(_Reading):
     timestamp: Timestamp
 
     stream: ClassVar[Stream] = Stream.VEHICLE
+    kwh_field: ClassVar[str] = "kwhDeliveredDc"
 
     @property
     def device_id(self) -> str:
         return self.vehicle_id
+
+    @property
+    def kwh(self) -> float:
+        return self.kwh_delivered_dc
 
 
 Reading = MeterReading | VehicleReading
@@ -130,14 +141,24 @@ class Rejected:
         return where + "; ".join(str(p) for p in self.problems)
 
 
+DEFAULT_MAX_KWH = 1000.0
+# Rejected readings listed by name in the one rejection recorded for a message or request.
+LISTED_REJECTIONS = 20
+
+
 @dataclass(frozen=True, slots=True)
-class TimeWindow:
-    """Timestamps a reading may carry: not older than the retention, not too far ahead."""
+class Limits:
+    """What a reading may carry beyond each field's own range (SPEC §2): a timestamp not older
+    than the retention nor too far ahead, and no more energy than `max_kwh` in one reading
+    (a meter or charger measuring a minute or an hour; 1.7e308 kWh is a fault, and summed
+    it would overflow)."""
 
     retention: timedelta
     future_skew: timedelta
+    max_kwh: float = DEFAULT_MAX_KWH
 
-    def problem(self, ts: datetime, now: datetime) -> Problem | None:
+    def problem(self, reading: Reading, now: datetime) -> Problem | None:
+        ts = reading.timestamp
         if ts > now + self.future_skew:
             return Problem(
                 "timestamp",
@@ -145,6 +166,11 @@ class TimeWindow:
             )
         if ts < now - self.retention:
             return Problem("timestamp", f"is older than the retention ({self.retention.days} days)")
+        if reading.kwh > self.max_kwh:
+            return Problem(
+                reading.kwh_field,
+                f"is more than {self.max_kwh:g} kWh in one reading (MAX_KWH_PER_READING)",
+            )
         return None
 
 
@@ -163,7 +189,7 @@ def validate_reading(
     data: Any,
     *,
     now: datetime,
-    window: TimeWindow,
+    limits: Limits,
     expected_id: str | None = None,
     index: int | None = None,
 ) -> Reading | Rejected:
@@ -180,16 +206,44 @@ def validate_reading(
             index,
             (Problem(field, f"{reading.device_id!r} does not match the topic's {expected_id!r}"),),
         )
-    late_or_early = window.problem(reading.timestamp, now)
-    if late_or_early is not None:
-        return Rejected(index, (late_or_early,))
+    beyond = limits.problem(reading, now)
+    if beyond is not None:
+        return Rejected(index, (beyond,))
     return reading
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParsedPayload:
-    readings: list[Reading]
-    rejected: list[Rejected]
+    """The valid readings of a payload, and what was wrong with the others: how many, and the
+    first LISTED_REJECTIONS of them (a rejection costs in proportion to the bytes received,
+    not to how many bad items they hold)."""
+
+    readings: list[Reading] = dataclasses.field(default_factory=list)
+    rejected: list[Rejected] = dataclasses.field(default_factory=list)
+    rejected_count: int = 0
+    items: int = 1  # readings the payload held; 1 for anything but an array
+
+    def reject(self, rejected: Rejected) -> None:
+        self.rejected_count += 1
+        if len(self.rejected) < LISTED_REJECTIONS:
+            self.rejected.append(rejected)
+
+    @property
+    def reason(self) -> str:
+        """One line for the rejection record of the whole payload."""
+        listed = "; ".join(r.reason for r in self.rejected)
+        if self.items == 1 and self.rejected_count == 1:
+            return listed
+        more = self.rejected_count - len(self.rejected)
+        return f"{self.rejected_count} of {self.items} readings rejected: {listed}" + (
+            f"; and {more} more" if more else ""
+        )
+
+
+def whole_payload(problem: str) -> ParsedPayload:
+    parsed = ParsedPayload()
+    parsed.reject(Rejected(None, (Problem("", problem),)))
+    return parsed
 
 
 def parse_payload(
@@ -197,31 +251,30 @@ def parse_payload(
     payload: bytes,
     *,
     now: datetime,
-    window: TimeWindow,
+    limits: Limits,
     expected_id: str | None = None,
 ) -> ParsedPayload:
     """Decode an MQTT payload: one reading (object) or a gateway's array of readings."""
     try:
         decoded = orjson.loads(payload)
     except orjson.JSONDecodeError as error:
-        return ParsedPayload([], [Rejected(None, (Problem("", f"not valid JSON: {error}"),))])
+        return whole_payload(f"not valid JSON: {error}")
     single = not isinstance(decoded, list)
     items: Sequence[Any] = [decoded] if single else decoded
     if not items:
-        return ParsedPayload([], [Rejected(None, (Problem("", "empty array: no readings"),))])
-    readings: list[Reading] = []
-    rejected: list[Rejected] = []
+        return whole_payload("empty array: no readings")
+    parsed = ParsedPayload(items=len(items))
     for position, item in enumerate(items):
         result = validate_reading(
             stream,
             item,
             now=now,
-            window=window,
+            limits=limits,
             expected_id=expected_id,
             index=None if single else position,
         )
         if isinstance(result, Rejected):
-            rejected.append(result)
+            parsed.reject(result)
         else:
-            readings.append(result)
-    return ParsedPayload(readings, rejected)
+            parsed.readings.append(result)
+    return parsed

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from daemon.config import Settings
-from daemon.readings import TimeWindow
+from daemon.readings import Limits
+from daemon.upkeep import UpkeepStatus
 from daemon.writer import Writer
 
 
@@ -23,5 +24,6 @@ class Runtime:
     settings: Settings
     pool: asyncpg.Pool
     writer: Writer
-    window: TimeWindow
+    limits: Limits
     broker_status: Callable[[], BrokerStatus]
+    upkeep_status: Callable[[], UpkeepStatus]

@@ -1,10 +1,21 @@
 """The write path that MQTT and HTTP share: a bounded buffer and the transactional flusher.
 
-Submissions (the readings of one MQTT message or one HTTP request, plus any rejections to
-record) wait in the buffer until it holds `flush_max_readings` or `flush_interval` has passed
-since the oldest one arrived; then they are written in one transaction. A submission's
-`on_committed` runs only after that transaction has committed: that is where MQTT sends its
-PUBACK and HTTP answers 201, so nothing is acknowledged that a crash could still lose.
+Submissions wait in the buffer until it holds `flush_max_readings` or `flush_interval` has
+passed since the oldest one arrived; then they are written in one transaction. A
+submission's `on_committed` runs only after that transaction has committed: that is where
+MQTT sends its PUBACK and HTTP answers 201, so nothing is acknowledged that a crash could
+still lose.
+
+When PostgreSQL refuses a flush, `db.errors` says whose fault it is:
+- a reading's (DataFailure): the batch is split until that reading stands alone; it is
+  recorded as a rejection and everything else is written;
+- the database's, for now (TransientFailure: connection lost, shutting down, disk full...):
+  the same batch is retried with back-off;
+- the database's, for good until someone mends it (PersistentFailure: a missing partition,
+  permissions, schema drift): the batch is split to commit whatever can be committed, and
+  the rest is *held*: kept in the buffer, not acknowledged, retried with back-off outside the
+  flush slots (so that it never blocks them), reported on /health and in the metrics, its
+  cause logged once rather than at every retry.
 """
 
 from __future__ import annotations
@@ -14,124 +25,44 @@ import contextlib
 import heapq
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import cast
 
 import asyncpg
+import orjson
 
+from daemon.batches import (
+    Outcome,
+    Overloaded,
+    Submission,
+    batch_of,
+    notify,
+    settle,
+)
 from daemon.metrics import Metrics
-from daemon.readings import MeterReading, Reading, Stream, VehicleReading
-from db.errors import DatabaseFailure, DataFailure, classify
-from db.writes import FlushBatch, RejectionRow, Row, Stored, flush_batch
+from daemon.readings import Reading
+from db.errors import (
+    DatabaseFailure,
+    DataFailure,
+    PersistentFailure,
+    TransientFailure,
+    classify,
+)
+from db.writes import RejectionRow, Stored, flush_batch
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Outcome", "Overloaded", "Submission", "Writer"]
+
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
-# Stream names as plain str, looked up once rather than per reading (enum values are properties).
-METER, VEHICLE = Stream.METER.value, Stream.VEHICLE.value
+HELD_RETRY_FIRST_S = 1.0
+HELD_RETRY_MAX_S = 30.0
+# Transactions spent splitting one failing batch before the rest of it is held as a whole.
+SEPARATION_BUDGET = 64
+# The same cause is logged again at most this often (with what it holds by then).
+FAILURE_LOG_EVERY_S = 60.0
 WATCHDOG_TICK_S = 0.1  # how late, at most, a caller hears that its commit timed out
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    accepted: int
-    duplicates: int
-    refused_by_database: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class Submission:
-    readings: Sequence[Reading]  # all of one stream
-    rejections: Sequence[RejectionRow]
-    on_committed: Callable[[Outcome], None]
-    transport: str
-    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    # Set by a transport to recognise its own submissions later (MQTT: the connection).
-    tag: object = None
-
-    @property
-    def weight(self) -> int:
-        """What it counts for in the buffer: its readings, or 1 for rejections alone."""
-        return max(1, len(self.readings))
-
-
-class Overloaded(Exception):
-    """The buffer is full: the caller should come back later (HTTP 503, MQTT: stop reading)."""
-
-
-def row_of(reading: Reading, received_at: datetime) -> tuple[str, Row]:
-    # (`type() is`, not isinstance: pydantic models' metaclass makes isinstance slow.)
-    if type(reading) is MeterReading:
-        return METER, (
-            reading.meter_id,
-            reading.timestamp,
-            reading.kwh_consumed_ac,
-            reading.voltage,
-            received_at,
-        )
-    vehicle = cast(VehicleReading, reading)
-    return VEHICLE, (
-        vehicle.vehicle_id,
-        vehicle.timestamp,
-        vehicle.soc,
-        vehicle.kwh_delivered_dc,
-        vehicle.battery_temp,
-        received_at,
-    )
-
-
-def batch_of(submissions: Sequence[Submission]) -> FlushBatch:
-    batch = FlushBatch()
-    for submission in submissions:
-        for reading in submission.readings:
-            stream, row = row_of(reading, submission.received_at)
-            batch.rows[stream].append(row)
-        batch.rejections.extend(submission.rejections)
-    return batch
-
-
-def settle(submissions: Sequence[Submission], stored: dict[str, Stored], metrics: Metrics) -> None:
-    """Tell each submission how many of its readings were new and how many duplicates."""
-    committed_at = datetime.now(UTC)
-    counts: Counter[tuple[str, str, str]] = Counter()
-    reading_lags: list[float] = []
-    receive_lags: list[float] = []
-    for submission in submissions:
-        readings = submission.readings
-        if not readings:
-            _notify(submission, Outcome(0, 0))
-            continue
-        # A submission holds the readings of one stream (one topic, one route).
-        stream = readings[0].stream.value
-        new = stored[stream]
-        if new.keys is None:  # every row of the batch was new: no key to look up
-            accepted = len(readings)
-        else:
-            accepted = sum(new.is_new((r.device_id, r.timestamp)) for r in readings)
-        counts["accepted", stream, submission.transport] += accepted
-        if accepted < len(readings):
-            counts["duplicate", stream, submission.transport] += len(readings) - accepted
-        # Once per message or request: its newest reading (a gateway's backlog array is old
-        # by design) and its arrival.
-        newest = readings[0].timestamp if len(readings) == 1 else max(r.timestamp for r in readings)
-        reading_lags.append((committed_at - newest).total_seconds())
-        receive_lags.append((committed_at - submission.received_at).total_seconds())
-        _notify(submission, Outcome(accepted, len(readings) - accepted))
-    metrics.lag_seconds.observe_many("reading", reading_lags)
-    metrics.lag_seconds.observe_many("receive", receive_lags)
-    for (outcome, stream, transport), n in counts.items():
-        metrics.readings.labels(outcome, stream, transport).inc(n)
-
-
-def _notify(submission: Submission, outcome: Outcome) -> None:
-    try:
-        submission.on_committed(outcome)
-    except Exception:  # one caller's failing callback must not stop the flusher
-        log.exception("on_committed callback failed")
 
 
 class Writer:
@@ -162,7 +93,18 @@ class Writer:
         self.database_ok = True
         self.metrics = metrics or Metrics()
         self.metrics.buffer_depth.set_function(lambda: self.depth)
+        self.metrics.held_readings.set_function(lambda: self.held_readings)
         self.room_listeners: list[Callable[[], None]] = []
+        # Told of every failure that is the database's (the daemon runs partition upkeep).
+        self.failure_listeners: list[Callable[[DatabaseFailure], None]] = []
+        # Submissions the database keeps refusing (PersistentFailure), retried apart.
+        self._held: list[Submission] = []
+        self.held_readings = 0
+        self.held_since: float | None = None
+        self.last_failure: DatabaseFailure | None = None
+        self._retry_held_now = asyncio.Event()
+        self.rejections_written = 0
+        self._logged: dict[str, float] = {}
         # HTTP callers waiting for their commit: (deadline, sequence, future, timeout).
         self._deadlines: list[tuple[float, int, asyncio.Future[Outcome], float]] = []
         self._seq = 0
@@ -170,8 +112,8 @@ class Writer:
 
     @property
     def depth(self) -> int:
-        """Readings held in memory: waiting plus being written."""
-        return self._pending_readings + self._inflight_readings
+        """Readings held in memory: waiting, being written, or held back."""
+        return self._pending_readings + self._inflight_readings + self.held_readings
 
     @property
     def full(self) -> bool:
@@ -195,6 +137,12 @@ class Writer:
         dropped = len(self._pending) - len(kept)
         self._pending = kept
         self._pending_readings = sum(s.weight for s in kept)
+        held = [s for s in self._held if not stale(s)]
+        dropped += len(self._held) - len(held)
+        self._held = held
+        self.held_readings = sum(s.weight for s in held)
+        if not held:
+            self.held_since = None
         return dropped
 
     async def write(
@@ -246,6 +194,22 @@ class Writer:
 
     async def run(self) -> None:
         """Flush until stopped; on stop, flush what is left (while the database answers)."""
+        retrying = asyncio.create_task(self._retry_held(), name="writer-held")
+        try:
+            await self._flush_loop()
+        finally:
+            retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retrying
+            if self._held:
+                log.warning(
+                    "stopping with %d readings held back by the database (%s): not stored, "
+                    "not acknowledged",
+                    self.held_readings,
+                    self.last_failure.detail if self.last_failure else "?",
+                )
+
+    async def _flush_loop(self) -> None:
         while True:
             if not self._pending:
                 if self._stopping:
@@ -275,6 +239,10 @@ class Writer:
         self._work.set()
         self._enough.set()
 
+    def retry_held_now(self) -> None:
+        """Try the held readings again without waiting out the back-off (after upkeep)."""
+        self._retry_held_now.set()
+
     async def _wait_for_batch(self) -> None:
         remaining = self._oldest_at + self._interval_s - time.monotonic()
         if self._pending_readings >= self._flush_max or remaining <= 0 or self._stopping:
@@ -303,50 +271,139 @@ class Writer:
             await self._commit(submissions)
         finally:
             self._inflight_readings -= sum(s.weight for s in submissions)
-            if not self.full:
-                for listener in self.room_listeners:
-                    listener()
+            self._room()
+
+    def _room(self) -> None:
+        if not self.full:
+            for listener in self.room_listeners:
+                listener()
+
+    # -- committing, and what happens when PostgreSQL refuses -----------------------------
 
     async def _commit(self, submissions: list[Submission]) -> None:
-        """Commit with back-off while the database is away; isolate rows it refuses."""
+        """Commit; retry while the database is away; separate what it keeps refusing."""
         backoff = BACKOFF_FIRST_S
         while True:
-            try:
-                inserted = await self._transaction(batch_of(submissions))
-            except DataFailure as failure:
+            failure = await self._attempt(submissions)
+            if failure is None:
+                return
+            if isinstance(failure, DataFailure):
                 await self._isolate(submissions, failure)
                 return
-            except DatabaseFailure as failure:
-                self._set_database_ok(False)
-                self.metrics.flush_failures.inc()
-                log.warning(
-                    "flush of %d submissions failed, retrying in %.1f s: %s",
-                    len(submissions),
-                    backoff,
-                    failure.detail,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            self._set_database_ok(True)
-            settle(submissions, inserted, self.metrics)
-            return
+            if isinstance(failure, PersistentFailure):
+                await self._separate(submissions, failure)
+                return
+            self._set_database_ok(False)
+            self._report(failure, f"retrying {len(submissions)} submissions with back-off")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _attempt(self, submissions: Sequence[Submission]) -> DatabaseFailure | None:
+        """One transaction; settles the submissions on success, else returns why not."""
+        try:
+            stored = await self._transaction(submissions)
+        except DatabaseFailure as failure:
+            self.metrics.flush_failures.labels(type(failure).__name__, failure.cause).inc()
+            if not isinstance(failure, DataFailure):
+                self.last_failure = failure
+                for listener in self.failure_listeners:
+                    listener(failure)
+            return failure
+        self._set_database_ok(True)
+        settle(submissions, stored, self.metrics)
+        return None
 
     def _set_database_ok(self, ok: bool) -> None:
         self.database_ok = ok
         self.metrics.database_up.set(1 if ok else 0)
 
-    async def _transaction(self, batch: FlushBatch) -> dict[str, Stored]:
+    async def _transaction(self, submissions: Sequence[Submission]) -> dict[str, Stored]:
+        batch = batch_of(submissions)
         started = time.perf_counter()
         try:
             async with self._pool.acquire() as conn:
-                inserted = await flush_batch(conn, batch)
+                stored = await flush_batch(conn, batch)
         except Exception as error:
             raise classify(error) from error
+        self.rejections_written += len(batch.rejections)
         self.metrics.flush_seconds.observe(time.perf_counter() - started)
         self.metrics.last_commit.set(time.time())
         self.metrics.flush_size.observe(sum(len(rows) for rows in batch.rows.values()))
-        return inserted
+        return stored
+
+    async def _separate(self, submissions: list[Submission], failure: PersistentFailure) -> None:
+        """Commit every part of the batch the database takes; hold the rest."""
+        stuck: list[Submission] = []
+        await self._bisect(submissions, stuck, [SEPARATION_BUDGET])
+        if stuck:
+            self._hold(stuck, failure)
+
+    async def _bisect(
+        self, submissions: list[Submission], stuck: list[Submission], budget: list[int]
+    ) -> None:
+        if len(submissions) == 1 or budget[0] <= 0:
+            stuck.extend(submissions)
+            return
+        middle = len(submissions) // 2
+        for half in (submissions[:middle], submissions[middle:]):
+            budget[0] -= 1
+            failure = await self._attempt(half)
+            if failure is None:
+                continue
+            if isinstance(failure, DataFailure):
+                await self._isolate(half, failure)
+            elif isinstance(failure, TransientFailure):
+                stuck.extend(half)  # tried again with the held ones
+            else:
+                await self._bisect(half, stuck, budget)
+
+    def _hold(self, submissions: list[Submission], failure: DatabaseFailure) -> None:
+        self._held.extend(submissions)
+        self.held_readings += sum(s.weight for s in submissions)
+        if self.held_since is None:
+            self.held_since = time.time()
+        self._report(failure, f"holding {self.held_readings} readings, not acknowledged")
+
+    async def _retry_held(self) -> None:
+        backoff = HELD_RETRY_FIRST_S
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_held_now.wait(), backoff)
+            self._retry_held_now.clear()
+            if not self._held:
+                backoff = HELD_RETRY_FIRST_S
+                continue
+            held, self._held = self._held, []
+            weight, self.held_readings = self.held_readings, 0
+            self._inflight_readings += weight
+            try:
+                failure = await self._attempt(held)
+                stuck: list[Submission] = []
+                if isinstance(failure, DataFailure):
+                    await self._isolate(held, failure)
+                elif isinstance(failure, TransientFailure):
+                    stuck = held
+                elif failure is not None:
+                    await self._bisect(held, stuck, [SEPARATION_BUDGET])
+                self._held.extend(stuck)
+                self.held_readings += sum(s.weight for s in stuck)
+            finally:
+                self._inflight_readings -= weight
+            if self._held:
+                backoff = min(backoff * 2, HELD_RETRY_MAX_S)
+            else:
+                log.info("the readings held back by the database are stored now")
+                self.held_since = None
+                backoff = HELD_RETRY_FIRST_S
+            self._room()
+
+    def _report(self, failure: DatabaseFailure, doing: str) -> None:
+        """Log a cause once, then at most every FAILURE_LOG_EVERY_S, not at every retry."""
+        key = f"{type(failure).__name__}:{failure.cause}"
+        now = time.monotonic()
+        if now - self._logged.get(key, -FAILURE_LOG_EVERY_S) >= FAILURE_LOG_EVERY_S:
+            self._logged[key] = now
+            log.warning("PostgreSQL refused a flush (%s); %s", failure.detail, doing)
 
     async def _isolate(self, submissions: list[Submission], failure: DataFailure) -> None:
         """The database refused a row: split until the refused readings stand alone."""
@@ -373,7 +430,7 @@ class Writer:
         )
         if submission.rejections:
             await self._commit([rejections])
-        _notify(
+        notify(
             submission,
             Outcome(
                 accepted=sum(o.accepted for o in outcomes),
@@ -384,18 +441,18 @@ class Writer:
 
     async def _refuse(self, submission: Submission, failure: DataFailure) -> None:
         """A single reading the database refused: record why, keep everything else."""
-        log.warning("database refused a row from %s: %s", submission.transport, failure.detail)
+        self._report(failure, "recording the reading as a rejection")
         if submission.readings:
-            rows = [row_of(r, submission.received_at)[1] for r in submission.readings]
+            reading = submission.readings[0]
             refusal = RejectionRow(
                 received_at=submission.received_at,
                 source=submission.transport,
                 topic_or_route="(database)",
-                payload=repr(rows)[:2048],
+                payload=orjson.dumps(reading.model_dump(mode="json", by_alias=True)).decode(),
                 reason=f"refused by the database: {failure.detail}",
             )
             await self._commit([Submission([], [refusal], _ignore, submission.transport)])
-        _notify(submission, Outcome(0, 0, refused_by_database=(failure.detail,)))
+        notify(submission, Outcome(0, 0, refused_by_database=(failure.detail,)))
 
 
 def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:

@@ -1,43 +1,73 @@
-"""How a database failure is handled, decided by SQLSTATE class, never by message text.
+"""Whose fault is it? A write that PostgreSQL refuses, decided by SQLSTATE, never by message
+text: either something about *a reading* (reject that reading, with the reason, and
+acknowledge its message) or something about *the database* (never acknowledge; retry,
+report, recover). A class of errors is never both.
 
 DatabaseFailure
- ├── TransientFailure  connection lost, server shutting down, serialization or deadlock:
- │                     retry the same work after a back-off
- └── DataFailure       a row the database refuses (classes 22 and 23): split the batch
-                       to find it, reject it, keep the rest
+ ├── DataFailure        a value PostgreSQL refuses in a row: class 22 (data exception), or
+ │                      class 23 naming the constraint or column at fault. Split the batch
+ │                      until the reading stands alone; reject it; write the rest.
+ ├── TransientFailure   the database is away or busy: connection lost (class 08, and no
+ │                      connection at all), shutting down (57P01-57P03), serialization or
+ │                      deadlock (40), out of resources (53: disk full, memory, connections),
+ │                      lock or statement timeout (55P03, 57014). Retry the same batch after
+ │                      a back-off.
+ └── PersistentFailure  the database is there but refuses the batch for a reason of its own:
+                        no partition for a row (23514 naming no constraint), permissions
+                        (42501), a table or column missing (schema drift, 42P01 / 42703),
+                        anything unexpected. Commit what can be committed, hold the rest
+                        (not acknowledged) and retry it with back-off until the cause is
+                        mended.
 """
 
 from __future__ import annotations
 
 import asyncpg
 
-_DATA_CLASSES = ("22", "23")
+_TRANSIENT_CLASSES = ("08", "40", "53")
+_TRANSIENT_STATES = ("57P01", "57P02", "57P03", "55P03", "57014")
 
 
 class DatabaseFailure(Exception):
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, sqlstate: str = "") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.sqlstate = sqlstate
 
-
-class TransientFailure(DatabaseFailure):
-    pass
+    @property
+    def cause(self) -> str:
+        """What identifies this failure for the log and the metrics: its SQLSTATE, or the
+        kind of error when there is none."""
+        return self.sqlstate or self.detail.split(":", 1)[0]
 
 
 class DataFailure(DatabaseFailure):
     pass
 
 
-def classify(error: BaseException) -> DatabaseFailure:
-    """Map an exception raised while talking to PostgreSQL onto how to handle it.
+class TransientFailure(DatabaseFailure):
+    pass
 
-    Anything that is not a refused row (connection lost, timeouts, server errors, and
-    surprises) is retried: holding on to readings is better than dropping them.
-    """
+
+class PersistentFailure(DatabaseFailure):
+    pass
+
+
+def classify(error: BaseException) -> DatabaseFailure:
+    """Map an exception raised while talking to PostgreSQL onto how to handle it."""
     detail = f"{error.__class__.__name__}: {error}"
-    if isinstance(error, asyncpg.PostgresError):
-        sqlstate = getattr(error, "sqlstate", None) or ""
-        detail = f"{sqlstate} {detail}"
-        if sqlstate[:2] in _DATA_CLASSES:
-            return DataFailure(detail)
-    return TransientFailure(detail)
+    if not isinstance(error, asyncpg.PostgresError):
+        # No answer from PostgreSQL (connection refused or lost, a timeout): it is away.
+        if isinstance(error, OSError | TimeoutError | asyncpg.InterfaceError):
+            return TransientFailure(detail)
+        return PersistentFailure(detail)
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    detail = f"{sqlstate} {detail}"
+    if sqlstate.startswith("22") or (
+        sqlstate.startswith("23")
+        and (getattr(error, "constraint_name", None) or getattr(error, "column_name", None))
+    ):
+        return DataFailure(detail, sqlstate=sqlstate)
+    if sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate in _TRANSIENT_STATES:
+        return TransientFailure(detail, sqlstate=sqlstate)
+    return PersistentFailure(detail, sqlstate=sqlstate)

@@ -79,17 +79,21 @@ Row = tuple[Any, ...]
 Key = tuple[str, datetime]
 
 
-def truncate_payload(payload: bytes, max_bytes: int) -> str:
-    """The payload kept with a rejection: at most `max_bytes`, marked when cut."""
-    text = payload[:max_bytes].decode("utf-8", errors="replace")
+def payload_text(payload: bytes, max_bytes: int) -> str:
+    """The payload kept with a rejection, as received: its first `max_bytes` bytes (marked
+    with … when cut), as text, each byte that is not text written as `\\xNN`: invalid
+    UTF-8, and NUL, which PostgreSQL's text cannot hold."""
+    text = payload[:max_bytes].decode("utf-8", errors="backslashreplace")
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
     return text + ("…" if len(payload) > max_bytes else "")
 
 
 def storable_text(text: str) -> str:
-    """Text PostgreSQL accepts: no NUL (written as the two characters \\0), no lone UTF-16
-    surrogate (replaced). A rejection must be recordable whatever it quotes."""
+    """Text PostgreSQL accepts: NUL written as `\\x00`, a lone UTF-16 surrogate replaced. A
+    rejection must be recordable whatever it quotes."""
     if "\x00" in text:
-        text = text.replace("\x00", "\\0")
+        text = text.replace("\x00", "\\x00")
     if not text.isascii():
         text = text.encode("utf-8", errors="replace").decode("utf-8")
     return text

@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import orjson
 
+from daemon.batches import row_of
 from daemon.config import Settings
 from daemon.readings import MeterReading, VehicleReading
-from daemon.writer import row_of
 from db.writes import FlushBatch, flush_batch
 from simulator.benchkit import (
     BoxCpu,

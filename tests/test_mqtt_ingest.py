@@ -126,7 +126,9 @@ async def test_a_gateway_array_stores_each_reading(
 
     await eventually(sixty)
     reasons = await eventually(lambda: rejections_for(db, topic))
-    assert reasons == ["reading 60: voltage: Input should be less than or equal to 1000"]
+    assert reasons == [
+        "1 of 61 readings rejected: reading 60: voltage: Input should be less than or equal to 1000"
+    ]
 
 
 @pytest.mark.parametrize(

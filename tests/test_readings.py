@@ -8,17 +8,18 @@ import orjson
 import pytest
 
 from daemon.readings import (
+    LISTED_REJECTIONS,
+    Limits,
     MeterReading,
     Rejected,
     Stream,
-    TimeWindow,
     VehicleReading,
     parse_payload,
     validate_reading,
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-WINDOW = TimeWindow(retention=timedelta(days=30), future_skew=timedelta(minutes=5))
+WINDOW = Limits(retention=timedelta(days=30), future_skew=timedelta(minutes=5))
 
 
 def meter(**changes: object) -> dict[str, object]:
@@ -45,7 +46,7 @@ def vehicle(**changes: object) -> dict[str, object]:
 
 
 def check(stream: Stream, body: object, **kwargs: object) -> object:
-    return validate_reading(stream, body, now=NOW, window=WINDOW, **kwargs)  # type: ignore[arg-type]
+    return validate_reading(stream, body, now=NOW, limits=WINDOW, **kwargs)  # type: ignore[arg-type]
 
 
 def fields_at_fault(result: object) -> set[str]:
@@ -130,7 +131,7 @@ def test_payload_id_must_match_the_topic() -> None:
 
 def test_array_payload_keeps_good_readings_beside_a_bad_one() -> None:
     payload = orjson.dumps([meter(), meter(voltage=5000), meter(timestamp="2026-11-25T11:58:00Z")])
-    parsed = parse_payload(Stream.METER, payload, now=NOW, window=WINDOW, expected_id="M-1")
+    parsed = parse_payload(Stream.METER, payload, now=NOW, limits=WINDOW, expected_id="M-1")
     assert len(parsed.readings) == 2
     assert [r.index for r in parsed.rejected] == [1]
     assert parsed.rejected[0].reason.startswith("reading 1: voltage")
@@ -146,7 +147,7 @@ def test_array_payload_keeps_good_readings_beside_a_bad_one() -> None:
     ],
 )
 def test_unusable_payloads_say_why(payload: bytes, words: str) -> None:
-    parsed = parse_payload(Stream.METER, payload, now=NOW, window=WINDOW)
+    parsed = parse_payload(Stream.METER, payload, now=NOW, limits=WINDOW)
     assert parsed.readings == []
     assert words in parsed.rejected[0].reason
 
@@ -158,3 +159,32 @@ def test_a_timestamp_that_is_not_iso_text_says_what_is_expected(timestamp: objec
     assert [str(p) for p in result.problems] == [
         "timestamp: must be an ISO 8601 string with an offset, e.g. 2026-01-01T00:00:00Z"
     ]
+
+
+def test_energy_above_the_maximum_per_reading_is_rejected() -> None:
+    result = check(Stream.METER, meter(kwhConsumedAc=1.7e308))
+    assert fields_at_fault(result) == {"kwhConsumedAc"}
+    assert isinstance(result, Rejected) and "MAX_KWH_PER_READING" in result.reason
+    assert not isinstance(check(Stream.METER, meter(kwhConsumedAc=1000.0)), Rejected)
+
+
+@pytest.mark.parametrize("timestamp", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+def test_a_timestamp_past_the_calendar_in_utc_is_rejected_not_raised(timestamp: str) -> None:
+    result = check(Stream.METER, meter(timestamp=timestamp))
+    assert isinstance(result, Rejected)
+    assert "outside the calendar" in result.reason
+
+
+def test_one_summary_for_a_payload_whatever_it_holds() -> None:
+    payload = orjson.dumps([1] * 200_000 + [meter()])
+    parsed = parse_payload(Stream.METER, payload, now=NOW, limits=WINDOW, expected_id="M-1")
+    assert len(parsed.readings) == 1 and parsed.rejected_count == 200_000
+    assert len(parsed.rejected) == LISTED_REJECTIONS  # the first ones, not all
+    assert parsed.reason.startswith("200000 of 200001 readings rejected: reading 0: ")
+    assert parsed.reason.endswith(f"and {200_000 - LISTED_REJECTIONS} more")
+    assert len(parsed.reason) < 4096
+
+
+def test_a_single_reading_payload_is_summarised_as_its_problems() -> None:
+    parsed = parse_payload(Stream.METER, orjson.dumps(meter(voltage=5000)), now=NOW, limits=WINDOW)
+    assert parsed.reason == "voltage: Input should be less than or equal to 1000"

@@ -74,21 +74,51 @@ async def test_the_same_reading_twice_counts_once(writer: Writer, pool: asyncpg.
         assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
 
 
-async def test_a_refused_reading_does_not_sink_its_batch(
+async def test_a_reading_the_database_refuses_is_rejected_and_the_rest_written(
     writer: Writer, pool: asyncpg.Pool
 ) -> None:
-    # A timestamp with no partition (validation would normally stop it earlier).
-    beyond = meter("M2", -60 * 24 * 365)
+    # A value only the table's CHECK refuses (validation would normally stop it earlier).
+    bad = MeterReading.model_construct(
+        meter_id="M2", kwh_consumed_ac=1.0, voltage=5000.0, timestamp=NOW
+    )
     outcomes = await asyncio.gather(
         writer.write([meter("M1", 1)], [], transport="http"),
-        writer.write([meter("M2", 1), beyond, meter("M2", 2)], [], transport="http"),
+        writer.write([meter("M2", 1), bad, meter("M2", 2)], [], transport="http"),
     )
     assert outcomes[0].accepted == 1
     assert outcomes[1].accepted == 2 and len(outcomes[1].refused_by_database) == 1
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 3
-        reason = await conn.fetchval("SELECT reason FROM rejections")
-    assert "refused by the database" in reason and "partition" in reason
+        row = await conn.fetchrow("SELECT payload, reason FROM rejections")
+    assert "refused by the database" in row["reason"] and "voltage_check" in row["reason"]
+    assert '"voltage":5000.0' in row["payload"]
+
+
+async def test_readings_without_a_partition_are_held_until_it_exists(
+    writer: Writer, pool: asyncpg.Pool
+) -> None:
+    """A missing partition is the database's fault, not the readings': they are neither
+    rejected nor acknowledged, the rest is written, and they are stored once it exists."""
+    next_year = NOW + timedelta(days=365)
+    beyond = MeterReading.model_construct(
+        meter_id="M2", kwh_consumed_ac=1.0, voltage=230.0, timestamp=next_year
+    )
+    held = asyncio.create_task(
+        writer.write([meter("M2", 1), beyond], [], transport="mqtt", timeout_s=30)
+    )
+    assert (await writer.write([meter("M1", 1)], [], transport="http")).accepted == 1
+    await asyncio.sleep(0.3)
+    assert not held.done() and writer.held_readings == 2
+    assert writer.last_failure is not None and writer.last_failure.sqlstate == "23514"
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 1
+        assert await conn.fetchval("SELECT count(*) FROM rejections") == 0
+        await upkeep(conn, schema="public", now=next_year, retention_days=400, lookahead_days=1)
+    writer.retry_held_now()
+    assert (await asyncio.wait_for(held, 10)).accepted == 2
+    assert writer.held_readings == 0 and writer.held_since is None
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 3
 
 
 async def test_flush_size_triggers_a_flush_before_the_interval(pool: asyncpg.Pool) -> None:

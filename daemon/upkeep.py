@@ -1,0 +1,115 @@
+"""Housekeeping that runs beside ingestion: partitions created ahead and dropped past retention,
+and the bound on the `rejections` table.
+
+Partition upkeep runs every UPKEEP_INTERVAL_S, and at once (at most every
+UPKEEP_SOONEST_S) when a flush fails for a reason of the database's own, such as a missing
+partition: readings held back for that are retried as soon as it succeeds. A failing upkeep
+is on /health and in the metrics, not only in the log: past PARTITION_LOOKAHEAD_DAYS it would
+stop every write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from daemon.config import Settings
+from daemon.metrics import Metrics
+from daemon.writer import Writer
+from db.errors import DatabaseFailure, PersistentFailure
+from db.partitions import upkeep
+from db.rejections import trim_rejections
+
+log = logging.getLogger(__name__)
+
+UPKEEP_SOONEST_S = 10.0
+TRIM_EVERY_S = 1.0
+
+
+async def run_upkeep(conn: asyncpg.Connection, settings: Settings) -> None:
+    await upkeep(
+        conn,
+        schema=settings.db_schema,
+        now=datetime.now(UTC),
+        retention_days=settings.retention_days,
+        lookahead_days=settings.partition_lookahead_days,
+    )
+
+
+@dataclass(slots=True)
+class UpkeepStatus:
+    ok: bool = True
+    detail: str = ""
+    failing_since: float | None = None
+
+
+class Housekeeping:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, writer: Writer, metrics: Metrics
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._writer = writer
+        self._metrics = metrics
+        self._wake = asyncio.Event()
+        self._last_run = 0.0
+        self.status = UpkeepStatus()
+        writer.failure_listeners.append(self._on_write_failure)
+
+    def _on_write_failure(self, failure: DatabaseFailure) -> None:
+        if isinstance(failure, PersistentFailure):
+            self._wake.set()
+
+    async def run(self) -> None:
+        await asyncio.gather(self._partitions(), self._rejection_bound())
+
+    async def _partitions(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.upkeep_interval_s)
+            self._wake.clear()
+            await asyncio.sleep(max(0.0, self._last_run + UPKEEP_SOONEST_S - time.monotonic()))
+            self._last_run = time.monotonic()
+            await self.partitions_once()
+
+    async def partitions_once(self) -> None:
+        try:
+            async with self._pool.acquire() as conn:
+                await run_upkeep(conn, self._settings)
+        except Exception as error:  # the next round tries again; writes go on meanwhile
+            self._metrics.upkeep_failures.inc()
+            if self.status.ok:
+                self.status.failing_since = time.time()
+            self.status.ok = False
+            self.status.detail = f"partition upkeep failing: {error.__class__.__name__}: {error}"
+            log.warning("%s", self.status.detail)
+            return
+        if not self.status.ok:
+            log.info("partition upkeep works again")
+        self.status = UpkeepStatus()
+        self._metrics.upkeep_last_success.set(time.time())
+        self._writer.retry_held_now()
+
+    async def _rejection_bound(self) -> None:
+        """Keep the newest REJECTIONS_MAX_ROWS rejections; count what goes."""
+        trimmed_at = -1
+        while True:
+            await asyncio.sleep(TRIM_EVERY_S)
+            written = self._writer.rejections_written
+            if written == trimmed_at:
+                continue
+            try:
+                async with self._pool.acquire() as conn:
+                    dropped = await trim_rejections(conn, self._settings.rejections_max_rows)
+            except Exception as error:  # tried again in a second
+                log.debug("trimming rejections failed: %s", error)
+                continue
+            trimmed_at = written
+            if dropped:
+                self._metrics.rejections_dropped.inc(dropped)
