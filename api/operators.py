@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,13 +37,15 @@ _JSON_NAMES = {
 
 async def health(request: Request) -> JSON:
     runtime = runtime_of(request)
-    database = await _database_check(runtime)
+    database = _writes_check(runtime) or await _database_check(runtime)
     broker = runtime.broker_status()
-    ready = database["ok"] and broker.ready
+    upkeep = runtime.upkeep_status()
+    ready = database["ok"] and broker.ready and upkeep.ok
     body = {
         "status": "ok" if ready else "unavailable",
         "database": database,
         "broker": {"ok": broker.ready, "detail": broker.detail},
+        "partitions": {"ok": upkeep.ok, "detail": upkeep.detail},
         "buffer": {
             "depth": runtime.writer.depth,
             "max": runtime.settings.buffer_max_readings,
@@ -50,6 +53,21 @@ async def health(request: Request) -> JSON:
         "auth": "api keys required" if runtime.settings.api_keys else OPEN_NOTICE,
     }
     return JSON(body, status_code=200 if ready else 503)
+
+
+def _writes_check(runtime: Runtime) -> dict[str, Any] | None:
+    """Why the last writes failed, while they do: PostgreSQL may answer a query and still
+    refuse every write (a missing partition, permissions, a full disk)."""
+    writer = runtime.writer
+    failure = writer.last_failure
+    if writer.held_readings and writer.held_since is not None:
+        since = datetime.fromtimestamp(writer.held_since, UTC).isoformat(timespec="seconds")
+        cause = failure.detail if failure else "?"
+        detail = f"{writer.held_readings} readings held back since {since}: {cause}"
+        return {"ok": False, "detail": detail}
+    if not writer.database_ok:
+        return {"ok": False, "detail": f"writes failing: {failure.detail if failure else '?'}"}
+    return None
 
 
 async def _database_check(runtime: Runtime) -> dict[str, Any]:

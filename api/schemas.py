@@ -145,5 +145,6 @@ class Health(_Body):
     status: str
     database: Check
     broker: Check
+    partitions: Check
     buffer: BufferState
     auth: str

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 HTTP_DRAIN_S = 2.0
 PUBACK_GRACE_S = 0.05
+POOL_CLOSE_S = 1.0
 DB_WAIT_LOG_EVERY_S = 10.0
 
 
@@ -112,7 +113,7 @@ async def serve(settings: Settings) -> bool:
             pool = await create_pool(
                 urls.database_url, schema=settings.db_schema, max_size=settings.db_pool_size
             )
-            stack.push_async_callback(pool.close)
+            stack.push_async_callback(_close_pool, pool)
             return await _run_daemon(settings, urls, pool, stop)
     raise AssertionError("unreachable")  # (mypy: async with may swallow exceptions)
 
@@ -246,6 +247,15 @@ async def _run_daemon(
     return not crashed
 
 
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully, or not at all: a connection stuck in a query (a lock held by
+    someone else, a database that stopped answering) must not keep the process alive."""
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_S)
+    except TimeoutError:
+        pool.terminate()
+
+
 async def _shut_down(
     settings: Settings,
     server: uvicorn.Server,
@@ -265,7 +275,8 @@ async def _shut_down(
     server.should_exit = True
     await asyncio.wait({http_task}, timeout=min(HTTP_DRAIN_S, settings.shutdown_timeout_s / 3))
     writer.stop()
-    flush_s = max(0.0, deadline - time.monotonic() - PUBACK_GRACE_S)
+    # (What is left after the flush: the PUBACKs, then closing the pool, POOL_CLOSE_S.)
+    flush_s = max(0.0, deadline - time.monotonic() - PUBACK_GRACE_S - POOL_CLOSE_S)
     await asyncio.wait({writer_task}, timeout=flush_s)
     if not writer_task.done():
         log.warning(
