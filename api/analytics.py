@@ -12,6 +12,7 @@ from api.database import connection
 from api.responses import JSON, ApiError
 from api.state import runtime_of
 from daemon.config import Settings
+from daemon.readings import OUT_OF_CALENDAR, is_device_id
 from db import analytics
 
 KWH_DECIMALS = 6
@@ -29,6 +30,10 @@ def _instant(raw: str, name: str) -> datetime:
         ) from None
     if value.tzinfo is None:
         raise ApiError(400, [problem(name, "needs an offset (Z or +hh:mm)")])
+    try:
+        value.astimezone(UTC)  # (echoed with its own offset; checked to fit the calendar)
+    except OverflowError:
+        raise ApiError(400, [problem(name, OUT_OF_CALENDAR)]) from None
     return value
 
 
@@ -39,10 +44,14 @@ def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]
     raw_end = request.query_params.get("endTime")
     end = _instant(raw_end, "endTime") if raw_end else None
     start = _instant(raw_start, "startTime") if raw_start else None
-    if end is None:
-        end = datetime.now(UTC) if start is None else min(start + default, datetime.now(UTC))
+    now = datetime.now(UTC)
+    if end is None:  # (start + default only while it stays before now: no overflow)
+        end = start + default if start is not None and start <= now - default else now
     if start is None:
-        start = end - default
+        try:
+            start = end - default
+        except OverflowError:  # a window reaching back before year 1
+            raise ApiError(400, [problem("endTime", OUT_OF_CALENDAR)]) from None
     if start >= end:
         raise ApiError(400, [problem("startTime", "must be before endTime")])
     longest = timedelta(days=settings.analytics_max_window_days)
@@ -63,6 +72,8 @@ async def performance(request: Request) -> JSON:
     runtime = runtime_of(request)
     vehicle_id = request.path_params["vehicleId"]
     start, end = window_of(request, runtime.settings)
+    if not is_device_id(vehicle_id):  # (never stored: no need to ask the database)
+        raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
     async with connection(runtime) as conn:
         totals = await analytics.vehicle_window(conn, vehicle_id, start, end)
     if totals is None:

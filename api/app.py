@@ -14,7 +14,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -46,6 +46,13 @@ async def _http_error(request: Request, exc: Exception) -> JSON:
     return JSON({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # A client that hangs up mid-body (or whose body never came in time) is a normal event:
+    # nobody reads this answer, and there is nothing to log beyond a line.
+    log.info("client went away during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSON:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSON({"detail": "internal error; the daemon logged it"}, status_code=500)
@@ -70,6 +77,8 @@ class App:
             response = await handler(request)
         except ApiError as exc:
             response = await _api_error(request, exc)
+        except ClientDisconnect as exc:
+            response = await _client_gone(request, exc)
         except Exception as exc:
             response = await _unexpected(request, exc)
         await response(scope, receive, send)
@@ -95,6 +104,7 @@ def create_app(runtime: Runtime) -> App:
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             Exception: _unexpected,
         },
     )

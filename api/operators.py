@@ -14,12 +14,14 @@ from api.auth import OPEN_NOTICE, require
 from api.database import connection
 from api.responses import JSON, ApiError
 from api.state import runtime_of
+from daemon.readings import is_device_id
 from daemon.runtime import Runtime
 from db import reads
 
 HEALTH_DB_TIMEOUT_S = 2.0
 REJECTIONS_DEFAULT_LIMIT = 100
 REJECTIONS_MAX_LIMIT = 1000
+MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
 
 # Column names in the hot tables → the JSON names of SPEC §2.
 _JSON_NAMES = {
@@ -97,6 +99,8 @@ async def vehicle_status(request: Request) -> JSON:
 
 async def _status(request: Request, stream: str) -> JSON:
     device_id = request.path_params[f"{stream}Id"]
+    if not is_device_id(device_id):  # (never stored: no need to ask the database)
+        raise ApiError(404, f"no {stream} {device_id!r} has reported yet")
     runtime = runtime_of(request)
     async with connection(runtime) as conn:
         row = await reads.latest_state(conn, stream, device_id)
@@ -112,6 +116,8 @@ async def rejections(request: Request) -> JSON:
     if not 1 <= limit <= REJECTIONS_MAX_LIMIT:
         raise ApiError(400, [{"field": "limit", "message": f"must be 1..{REJECTIONS_MAX_LIMIT}"}])
     before = _int_param(query.get("before"), "before", None)
+    if before is not None and not 1 <= before <= MAX_ID:
+        raise ApiError(400, [{"field": "before", "message": f"must be 1..{MAX_ID}"}])
     source = query.get("source")
     if source not in (None, "mqtt", "http"):
         raise ApiError(400, [{"field": "source", "message": "must be mqtt or http"}])
@@ -136,6 +142,8 @@ async def rejections(request: Request) -> JSON:
 def _int_param(raw: str | None, name: str, default: int | None) -> Any:
     if raw is None:
         return default
+    if not raw.isascii() or not raw.strip().lstrip("+-").isdigit() or len(raw) > 25:
+        raise ApiError(400, [{"field": name, "message": "must be an integer"}])
     try:
         return int(raw)
     except ValueError:

@@ -22,6 +22,6 @@ def parse_topic(topic: str) -> tuple[Stream, str] | str:
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] not in _PREFIXES or parts[2] != "telemetry":
         return "topic is not meters/{meterId}/telemetry or vehicles/{vehicleId}/telemetry"
-    if not _DEVICE_ID.match(parts[1]):
+    if not _DEVICE_ID.fullmatch(parts[1]):
         return f"device id in the topic must match {DEVICE_ID_PATTERN}"
     return _PREFIXES[parts[0]], parts[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,7 @@ import asyncpg
 import uvicorn
 
 from api.app import create_app
-from api.protocol import HttpProtocol
+from api.protocol import ConnectionLimits, with_limits
 from broker.intake import MqttIntake
 from broker.subscriber import Delivery, MqttSubscriber, SessionSettings
 from broker.tls import client_context
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 HTTP_DRAIN_S = 2.0
 PUBACK_GRACE_S = 0.05
 POOL_CLOSE_S = 1.0
+FDS_KEPT = 256  # file descriptors not given to HTTP connections
 DB_WAIT_LOG_EVERY_S = 10.0
 
 
@@ -116,6 +118,24 @@ async def serve(settings: Settings) -> bool:
             stack.push_async_callback(_close_pool, pool)
             return await _run_daemon(settings, urls, pool, stop)
     raise AssertionError("unreachable")  # (mypy: async with may swallow exceptions)
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """HTTP_MAX_CONNECTIONS, within the file descriptors this process may open (raised to
+    the hard limit first; some are kept for PostgreSQL, the broker and the log)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    cap = min(settings.http_max_connections, max(64, soft - FDS_KEPT))
+    if cap < settings.http_max_connections:
+        log.warning("HTTP: at most %d connections (open files limit %d)", cap, soft)
+    return ConnectionLimits(
+        header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
+        max_connections=cap,
+    )
 
 
 def session_settings(settings: Settings, endpoint: MqttEndpoint) -> SessionSettings:
@@ -204,6 +224,8 @@ async def _run_daemon(
         broker_status=lambda: BrokerStatus(subscriber.ready, subscriber.detail),
         upkeep_status=lambda: housekeeping.status,
     )
+    http_limits = connection_limits(settings)
+    metrics.watch_http(http_limits)
     server = _QuietServer(
         uvicorn.Config(
             create_app(runtime),
@@ -215,7 +237,8 @@ async def _run_daemon(
             # both cost CPU on every request.
             access_log=False,
             proxy_headers=False,
-            http=HttpProtocol,
+            http=with_limits(http_limits),
+            timeout_keep_alive=settings.http_keepalive_s,
         )
     )
     writer_task = asyncio.create_task(writer.run(), name="writer")

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_batch_readings: int = Field(default=10_000, ge=1)
     http_commit_timeout_s: float = Field(default=10.0, gt=0)
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_body_timeout_s: float = Field(default=60.0, gt=0)
+    http_keepalive_s: int = Field(default=5, ge=1)
+    http_max_connections: int = Field(default=10_000, ge=16)
     ingest_api_keys: str = Field(default="", description="comma-separated bearer keys")
     operator_api_keys: str = Field(default="", description="comma-separated bearer keys")
 

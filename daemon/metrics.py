@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LAG_BUCKETS_S = (
@@ -77,6 +78,32 @@ class BulkHistogram(Collector):
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             family.add_metric([label_value], buckets, total[0])
         yield family
+
+
+class HttpCounts(Protocol):
+    open: set[Any]
+    evicted: int
+    timed_out: int
+
+
+class _HttpConnections(Collector):
+    def __init__(self, limits: HttpCounts) -> None:
+        self._limits = limits
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "energy_ingest_http_connections", "Open HTTP connections", len(self._limits.open)
+        )
+        yield CounterMetricFamily(
+            "energy_ingest_http_idle_connections_closed",
+            "Idle HTTP connections closed to keep within HTTP_MAX_CONNECTIONS",
+            self._limits.evicted,
+        )
+        yield CounterMetricFamily(
+            "energy_ingest_http_request_timeouts",
+            "HTTP connections closed (408) for sending a request's headers or body too slowly",
+            self._limits.timed_out,
+        )
 
 
 class Metrics:
@@ -183,6 +210,10 @@ class Metrics:
             registry=r,
         )
         self.database_up.set(1)
+
+    def watch_http(self, limits: HttpCounts) -> None:
+        """The HTTP server's connection counts, read when scraped."""
+        self.registry.register(_HttpConnections(limits))
 
     def rejected(self, stream: str, transport: str, count: int = 1) -> None:
         self.readings.labels("rejected", stream, transport).inc(count)

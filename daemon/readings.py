@@ -7,6 +7,7 @@ in a gateway's array never sinks the good ones beside it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,12 @@ from pydantic import (
 )
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+
+
+def is_device_id(text: str) -> bool:
+    # fullmatch: `$` alone would let a final newline through.
+    return _DEVICE_ID.fullmatch(text) is not None
 
 
 class Stream(StrEnum):

@@ -276,3 +276,31 @@ def metric_sum(daemon: DaemonProcess, prefix: str) -> float:
         for line in daemon.get("/metrics").text.splitlines()
         if line.startswith(prefix)
     )
+
+
+async def test_a_retained_message_is_handled_once_not_at_every_restart(
+    module_db: str, private_broker: EmbeddedMosquitto, db: asyncpg.Connection
+) -> None:
+    """The daemon subscribes with Retain Handling 2: a retained reading reaches it once,
+    when it is published, and is not sent again at each subscribe (it used to count as a
+    duplicate, and an invalid one as a new rejection, at every restart)."""
+    daemon = DaemonProcess(database_url=module_db, mqtt_url=private_broker.url).start()
+    meter = new_id("R")
+    topic = f"meters/{meter}/telemetry"
+    pub = Publisher(private_broker.port)
+    for payload in (meter_json(meter, minutes_ago(1)), b'{"meterId": "broken"}'):
+        pub.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+    pub.close()
+    try:
+        await eventually(lambda: count(db, "meter_readings", "meter_id", meter))
+        await eventually(lambda: rejections_for(db, topic))
+        for _ in range(2):
+            assert daemon.stop() == 0, daemon.log()
+            daemon.start()
+            await asyncio.sleep(1.0)
+            assert mqtt_count(daemon, "duplicate") == 0
+            assert mqtt_count(daemon, "accepted") == 0
+        assert len(await rejections_for(db, topic)) == 1
+        assert await count(db, "meter_readings", "meter_id", meter) == 1
+    finally:
+        assert daemon.stop() == 0, daemon.log()
