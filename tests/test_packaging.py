@@ -6,14 +6,65 @@ import re
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.services import REPO
 
-SHIPPED = ["daemon", "broker", "api", "db"]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def pins(lock: str) -> dict[str, str]:
+    text = (REPO / lock).read_text()
+    return {
+        canonicalize_name(name): version
+        for name, version in re.findall(r"^([A-Za-z0-9._-]+)==([^ \\]+)", text, re.MULTILINE)
+    }
+
+
+@pytest.mark.parametrize(
+    ("lock", "groups"),
+    [("requirements.lock", ["dependencies"]), ("requirements-test.lock", ["dependencies", "test"])],
+)
+def test_the_lock_files_pin_every_dependency_within_its_bounds(
+    lock: str, groups: list[str]
+) -> None:
+    pinned = pins(lock)
+    for group in groups:
+        wanted = (
+            PROJECT["dependencies"]
+            if group == "dependencies"
+            else PROJECT["optional-dependencies"][group]
+        )
+        for line in wanted:
+            requirement = Requirement(line)
+            name = canonicalize_name(requirement.name)
+            assert name in pinned, f"{lock} does not pin {name}: run make lock"
+            assert requirement.specifier.contains(pinned[name]), (lock, line, pinned[name])
+
+
+def test_what_is_installed_is_what_the_test_lock_pins() -> None:
+    for name, version in pins("requirements-test.lock").items():
+        assert metadata.version(name) == version, f"{name}: installed differs from the lock"
+
+
+def test_the_daemon_runs_without_the_simulator() -> None:
+    """`energy-ingest run` never imports the simulator and benchmark package."""
+    code = "import sys, daemon.cli, daemon.app; assert 'simulator' not in sys.modules"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+SHIPPED = ["daemon", "broker", "api", "db", "simulator"]
 
 
 def test_every_shipped_module_imports_without_the_test_extras() -> None:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = PROJECT
 
     def names(requirements: list[str]) -> set[str]:
         return {
