@@ -40,18 +40,21 @@ class Role(StrEnum):
     METER = "meter"
     VEHICLE = "vehicle"
     DAEMON = "daemon"
+    PROBE = "probe"  # may log in, and nothing else: the broker's health check
 
 
-ACL_LINES = {
+ACL_LINES: dict[Role, tuple[str, ...]] = {
     Role.METER: ("topic write meters/{id}/telemetry",),
     Role.VEHICLE: ("topic write vehicles/{id}/telemetry",),
     Role.DAEMON: ("topic read meters/+/telemetry", "topic read vehicles/+/telemetry"),
+    Role.PROBE: (),
 }
 
 ACL_HEADER = """\
 # Who may do what on the broker (mosquitto.conf: acl_file), one block per user.
 # Written by `energy-ingest provision ROLE ID`: a meter writes only its own meter topic, a
-# vehicle only its own vehicle topic, a daemon replica only reads telemetry.
+# vehicle only its own vehicle topic, a daemon replica only reads telemetry, a probe (the
+# broker's health check) only logs in.
 # No `pattern` lines: they apply to every user and cannot tell a meter from a vehicle.
 """
 

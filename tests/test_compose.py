@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from daemon.config import Settings
+from daemon.provision import Role, read_acl, role_of
 from tests.services import REPO
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
-DAEMONS = [name for name, s in SERVICES.items() if s.get("build")]
+DAEMONS = [name for name, s in SERVICES.items() if s.get("build") and not s.get("command")]
+ONE_SHOT = [name for name, s in SERVICES.items() if s.get("restart") == "no"]
 
 
 def test_two_daemon_replicas_share_one_subscription_group() -> None:
+    assert DAEMONS == ["ingest-1", "ingest-2"]
     assert len(DAEMONS) == 2
     envs = [SERVICES[name]["environment"] for name in DAEMONS]
     assert {env["MQTT_SHARED_GROUP"] for env in envs} == {"ingest"}
@@ -47,13 +51,13 @@ def test_every_variable_is_in_env_example() -> None:
 
 def test_daemon_environment_names_real_settings() -> None:
     known = {name.upper() for name in Settings.model_fields}
-    for name in DAEMONS:
+    for name in [*DAEMONS, *ONE_SHOT]:
         assert set(SERVICES[name]["environment"]) <= known
 
 
 def _published(service: str) -> list[tuple[int, int]]:
     pairs = []
-    for port in SERVICES[service]["ports"]:
+    for port in SERVICES[service].get("ports", []):
         host, container = str(port).split(":")
         pairs.append((int(host), int(container)))
     return pairs
@@ -84,3 +88,72 @@ def test_broker_files_are_where_mosquitto_conf_expects_them() -> None:
 def test_build_context_leaves_out_local_state() -> None:
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "var", ".git"} <= set(ignored)
+
+
+def test_every_long_running_service_is_checked_restarted_and_given_time_to_stop() -> None:
+    assert ONE_SHOT == ["migrate"]
+    for name, service in SERVICES.items():
+        if name in ONE_SHOT:
+            continue
+        assert service.get("healthcheck", {}).get("test"), name
+        assert service.get("restart") == "unless-stopped", name
+        assert service.get("stop_grace_period"), name
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"(\d+)s", text)
+    assert match, text
+    return float(match[1])
+
+
+def test_daemons_stop_within_their_grace_period() -> None:
+    for name in DAEMONS:
+        service = SERVICES[name]
+        deadline = float(service["environment"]["SHUTDOWN_TIMEOUT_S"])
+        assert deadline + 3 <= _seconds(service["stop_grace_period"]), name
+        assert deadline < Settings.model_fields["shutdown_timeout_s"].default + 5
+
+
+def test_daemons_wait_for_the_migrations_and_healthy_neighbours() -> None:
+    migrate = SERVICES["migrate"]
+    assert migrate["command"] == ["energy-ingest", "migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in DAEMONS:
+        needs = SERVICES[name]["depends_on"]
+        assert needs["migrate"]["condition"] == "service_completed_successfully"
+        assert needs["postgres"]["condition"] == "service_healthy"
+        assert needs["mosquitto"]["condition"] == "service_healthy"
+
+
+def test_each_replica_is_a_broker_user_of_its_own_provisioned_as_a_daemon() -> None:
+    acl = read_acl(REPO / "deploy" / "mosquitto" / "acl")
+    example = (REPO / ".env.example").read_text()
+    users = []
+    for name in DAEMONS:
+        env = SERVICES[name]["environment"]
+        url = urlsplit(env["MQTT_URL"])
+        assert url.username == env["MQTT_CLIENT_ID"], name  # the broker makes them equal
+        assert role_of(url.username, acl.get(url.username, ["-"])) == Role.DAEMON, name
+        password = re.fullmatch(r"\$\{([A-Z0-9_]+)\}", url.password or "")
+        assert password and f"\n{password[1]}=" in example, name
+        users.append(url.username)
+    assert len(set(users)) == len(users)
+
+
+def test_the_brokers_health_check_logs_in_as_a_probe_that_may_do_nothing_else() -> None:
+    broker = SERVICES["mosquitto"]
+    check = " ".join(broker["healthcheck"]["test"])
+    user = re.search(r"-u (\S+)", check)
+    assert (
+        user
+        and role_of(user[1], read_acl(REPO / "deploy" / "mosquitto" / "acl").get(user[1], ["-"]))
+        == Role.PROBE
+    )
+    for variable in re.findall(r"\$\$([A-Z_]+)", check):
+        assert variable in broker["environment"], variable
+
+
+def test_images_name_a_version() -> None:
+    for name, service in SERVICES.items():
+        if "image" in service:
+            assert re.fullmatch(r"[a-z0-9./-]+:[0-9][0-9.]*", service["image"]), name
