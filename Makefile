@@ -12,7 +12,8 @@ STAMP := $(VENV)/.installed
 run: $(STAMP) system-deps
 	$(BIN)/energy-ingest run
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) lint
+	@TESTS=1 scripts/system-deps.sh
 	$(BIN)/pytest
 
 # A short version of every benchmark (see BENCHMARKS.md for the full ones).

@@ -13,10 +13,11 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import uvicorn
@@ -35,7 +36,7 @@ from daemon.runtime import BrokerStatus, Runtime
 from daemon.upkeep import Housekeeping, run_upkeep
 from daemon.writer import Submission, Writer
 from db.migrate import migrate
-from db.pool import connect, create_pool
+from db.pool import TRANSACTION, check_schema, connect, create_pool
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ PUBACK_GRACE_S = 0.05
 POOL_CLOSE_S = 1.0
 FDS_KEPT = 256  # file descriptors not given to HTTP connections
 DB_WAIT_LOG_EVERY_S = 10.0
+# (A hint only, for a message PostgreSQL itself never sends: a pooler refusing `search_path`.)
+POOLER_HINT = " (behind a pooler in transaction mode? set DB_POOLER=transaction)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +79,18 @@ async def prepare_database(settings: Settings, database_url: str) -> None:
     waited = 0.0
     while True:
         try:
-            conn = await connect(database_url, schema=settings.db_schema)
+            conn = await connect(database_url, schema=settings.db_schema, pooler=settings.db_pooler)
             break
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             if waited % DB_WAIT_LOG_EVERY_S < 1:
-                log.warning("waiting for PostgreSQL at %s: %s", _safe(database_url), error)
+                hint = POOLER_HINT if "startup parameter" in str(error) else ""
+                log.warning("waiting for PostgreSQL at %s: %s%s", _safe(database_url), error, hint)
             await asyncio.sleep(1)
             waited += 1
     try:
         await migrate(conn, schema=settings.db_schema)
+        if settings.db_pooler == TRANSACTION:
+            await check_schema(conn, settings.db_schema)
         await run_upkeep(conn, settings)
     finally:
         await conn.close()
@@ -110,14 +116,35 @@ async def serve(settings: Settings) -> bool:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with endpoints(settings) as urls:
-        await prepare_database(settings, urls.database_url)
+        if not await _until_stopped(prepare_database(settings, urls.database_url), stop):
+            log.info("stopped before the database was ready")
+            return True
         async with AsyncExitStack() as stack:
             pool = await create_pool(
-                urls.database_url, schema=settings.db_schema, max_size=settings.db_pool_size
+                urls.database_url,
+                schema=settings.db_schema,
+                max_size=settings.db_pool_size,
+                pooler=settings.db_pooler,
             )
             stack.push_async_callback(_close_pool, pool)
             return await _run_daemon(settings, urls, pool, stop)
     raise AssertionError("unreachable")  # (mypy: async with may swallow exceptions)
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `work` unless SIGTERM/SIGINT comes first (waiting for PostgreSQL at start, say);
+    True if it finished."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()
+    return True
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:

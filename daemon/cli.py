@@ -19,6 +19,7 @@ from daemon.app import endpoints, prepare_database, serve
 from daemon.config import Settings
 from daemon.embedded import ServiceError
 from daemon.provision import BrokerFiles, ProvisionError, Role, provision
+from db.pool import WrongSchema
 
 
 def _settings() -> Settings:
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit("energy-ingest: stopped because a part of the daemon failed (see above)")
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
-    except (ServiceError, TlsFilesError) as error:
+    except (ServiceError, TlsFilesError, WrongSchema) as error:
         sys.exit(f"energy-ingest: {error}")
     except KeyboardInterrupt:
         pass

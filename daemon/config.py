@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     )
     db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     db_pool_size: int = Field(default=4, ge=2, le=64)
+    # "transaction" behind a pooler in transaction mode (PgBouncer pool_mode=transaction,
+    # managed poolers): no named prepared statements, the schema from the role's search_path.
+    db_pooler: Literal["none", "transaction"] = "none"
 
     mqtt_url: str | None = Field(
         default=None,

@@ -169,10 +169,21 @@ def postgres_bindir() -> Path:
     return Path(candidates[-1]).parent
 
 
-class EmbeddedPostgres:
-    """A private PostgreSQL cluster under `root`, on loopback, trust auth (local dev only)."""
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A certificate and key for a TLS-only listener (PostgreSQL accepts nothing else)."""
 
-    def __init__(self, root: Path, *, port: int, fsync: bool = True) -> None:
+    cert_file: Path
+    key_file: Path
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL cluster under `root`, on loopback, trust auth (local dev only);
+    with `tls`, it takes only TLS connections over TCP."""
+
+    def __init__(
+        self, root: Path, *, port: int, fsync: bool = True, tls: ServerTls | None = None
+    ) -> None:
         self.owner = run_as("postgres")
         self.root = owned_folder(root, self.owner)
         self.data = self.root / "data"
@@ -180,6 +191,7 @@ class EmbeddedPostgres:
         self.log_file = self.root / "postgres.log"
         self._wanted_port = port
         self._fsync = fsync
+        self._tls = tls
         self.port = 0
         self._bin = postgres_bindir()
 
@@ -252,6 +264,9 @@ class EmbeddedPostgres:
         ]
         if not self._fsync:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        if self._tls is not None:
+            cert, key = self._tls_files()
+            options += ["-c ssl=on", f"-c ssl_cert_file={cert}", f"-c ssl_key_file={key}"]
         args = [
             str(self._bin / "pg_ctl"),
             "-D",
@@ -272,11 +287,28 @@ class EmbeddedPostgres:
             tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
             raise ServiceError(f"PostgreSQL did not start: {result.stderr.strip()}\n{tail}")
 
+    def _tls_files(self) -> tuple[Path, Path]:
+        """The certificate and key in the data folder, the key readable by its owner alone
+        (PostgreSQL refuses it otherwise); TCP clients must use TLS (pg_hba.conf)."""
+        assert self._tls is not None
+        copies = (self.data / "server.crt", self.data / "server.key")
+        for source, copy in zip((self._tls.cert_file, self._tls.key_file), copies, strict=True):
+            shutil.copyfile(source, copy)
+            copy.chmod(0o600)
+            if self.owner.is_other:
+                os.chown(copy, self.owner.uid, self.owner.gid)
+        (self.data / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "hostssl all all 127.0.0.1/32 trust\n"
+            "hostnossl all all 0.0.0.0/0 reject\n"
+        )
+        return copies
+
     def _create_database(self) -> None:
         psql = [
             str(self._bin / "psql"),
             "-h",
-            "127.0.0.1",
+            str(self.sockets),  # (its own socket: TCP may take TLS only)
             "-p",
             str(self.port),
             "-U",

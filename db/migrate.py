@@ -1,7 +1,10 @@
 """Versioned SQL migrations (`db/migrations/NNNN_name.sql`), applied once each, in order.
 
-Safe from several processes at once: the whole run holds a session advisory lock, so a
-second migrator waits, then finds nothing left to do.
+Safe from several processes at once: the whole run is one transaction holding a
+transaction-level advisory lock, so a second migrator waits, then finds nothing left to do.
+No session state: it runs through a transaction pooler as well as directly. (A migration
+that cannot run inside a transaction, such as CREATE INDEX CONCURRENTLY, would need a run of
+its own on a direct connection; there is none so far.)
 """
 
 from __future__ import annotations
@@ -49,23 +52,24 @@ def lock_key(schema: str, purpose: str) -> str:
 async def migrate(conn: asyncpg.Connection, *, schema: str) -> list[Migration]:
     """Apply the pending migrations; returns those this call applied."""
     applied_now: list[Migration] = []
-    await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key(schema, "migrate"))
-    try:
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))", lock_key(schema, "migrate")
+        )
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET LOCAL search_path = "{schema}"')
         await conn.execute(CREATE_LEDGER)
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
         for migration in available_migrations():
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
-            log.info("applied migration %04d_%s", migration.version, migration.name)
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
             applied_now.append(migration)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key(schema, "migrate"))
+    for migration in applied_now:
+        log.info("applied migration %04d_%s", migration.version, migration.name)
     return applied_now

@@ -17,6 +17,10 @@ fi
 if ! command -v mosquitto_pub >/dev/null 2>&1; then
     need+=(mosquitto-clients)
 fi
+# `make test` also needs PgBouncer (the transaction-pooler tests).
+if [ "${TESTS:-}" = 1 ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    need+=(pgbouncer)
+fi
 # `make bench` also needs wrk, the HTTP load generator.
 if [ "${BENCH:-}" = 1 ] && ! command -v wrk >/dev/null 2>&1; then
     need+=(wrk)

@@ -4,6 +4,7 @@ daemon itself as a child process (so it can be killed like a real one)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,14 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres, free_port
+from daemon.embedded import (
+    EmbeddedMosquitto,
+    EmbeddedPostgres,
+    free_port,
+    owned_folder,
+    run_as,
+    wait_for_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -167,3 +175,65 @@ def wait_until(predicate: Any, timeout_s: float = 20.0, interval_s: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met in {timeout_s} s (last value {value!r})")
         time.sleep(interval_s)
+
+
+class PgBouncer:
+    """Debian's PgBouncer in transaction pooling mode (what managed poolers run), in front of
+    a private PostgreSQL, with TLS on both sides."""
+
+    def __init__(
+        self, root: Path, *, pg_port: int, database: str, cert_file: Path, key_file: Path
+    ) -> None:
+        self.owner = run_as("postgres")  # PgBouncer refuses to run as root
+        self.root = owned_folder(root, self.owner)
+        self.port = free_port()
+        for source, name in ((cert_file, "server.crt"), (key_file, "server.key")):
+            copy = self.root / name
+            copy.write_bytes(source.read_bytes())
+            copy.chmod(0o600)
+            if self.owner.is_other:
+                os.chown(copy, self.owner.uid, self.owner.gid)
+        (self.root / "users.txt").write_text('"postgres" ""\n')
+        self.conf = self.root / "pgbouncer.ini"
+        self.conf.write_text(
+            f"""[databases]
+{database} = host=127.0.0.1 port={pg_port} dbname={database}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.root}/users.txt
+pool_mode = transaction
+default_pool_size = 8
+max_client_conn = 200
+server_tls_sslmode = require
+client_tls_sslmode = require
+client_tls_cert_file = {self.root}/server.crt
+client_tls_key_file = {self.root}/server.key
+logfile = {self.root}/pgbouncer.log
+pidfile = {self.root}/pgbouncer.pid
+"""
+        )
+        for path in (self.conf, self.root / "users.txt"):
+            if self.owner.is_other:
+                os.chown(path, self.owner.uid, self.owner.gid)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PgBouncer:
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self.process = subprocess.Popen(
+            [binary, str(self.conf)],
+            user=self.owner.uid if self.owner.is_other else None,
+            group=self.owner.gid if self.owner.is_other else None,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_for_port(self.port, 20, "PgBouncer")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
