@@ -272,6 +272,9 @@ def parse_payload(
         return whole_payload("empty array: no readings")
     parsed = ParsedPayload(items=len(items))
     for position, item in enumerate(items):
+        if type(item) is not dict and len(parsed.rejected) >= LISTED_REJECTIONS:
+            parsed.rejected_count += 1  # (not listed anyway: counted, at the cost of a check)
+            continue
         result = validate_reading(
             stream,
             item,
