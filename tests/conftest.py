@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,6 +22,23 @@ from db.partitions import upkeep
 from tests.services import DaemonProcess, database_url, running_mosquitto, running_postgres
 
 TEMPLATE_DB = "energy_template"
+# Figures the fault, hostile-input and resource tests measure, written as JSON at the end of
+# the session when RELIABILITY_REPORT names a file (RELIABILITY.md quotes them).
+_FIGURES: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Callable[..., None]:
+    def put(**figures: Any) -> None:
+        _FIGURES.setdefault(request.node.nodeid, {}).update(figures)
+
+    return put
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    report = os.environ.get("RELIABILITY_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(_FIGURES, indent=2, default=str))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -67,3 +67,19 @@ async def wait_until_all_stored(url: str, prefix: str, expected: int, timeout_s:
 
     await eventually(enough, timeout_s=timeout_s)
     return (await stored(url, prefix))[0]
+
+
+async def tally(
+    url: str, prefix: str, messages: list[tuple[str, bytes, float]]
+) -> dict[str, float]:
+    """What a stream left behind, for the reliability report: sent, stored, lost, stored
+    twice (the history's key forbids it; the energy sum would show it), energy off by."""
+    n, kwh = await stored(url, prefix)
+    sent_kwh = sum(k for _, _, k in messages)
+    return {
+        "sent": len(messages),
+        "stored": n,
+        "lost": len(messages) - n,
+        "energy_kwh_sent": round(sent_kwh, 6),
+        "energy_kwh_off_by": round(kwh - sent_kwh, 9),
+    }

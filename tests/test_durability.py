@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -19,7 +19,13 @@ from tests.services import (
     running_mosquitto,
     running_postgres,
 )
-from tests.streams import BackgroundPublisher, stored, stream_of_readings, wait_until_all_stored
+from tests.streams import (
+    BackgroundPublisher,
+    stored,
+    stream_of_readings,
+    tally,
+    wait_until_all_stored,
+)
 
 # SOAK_SCALE=10 makes every stream here ten times longer.
 SCALE = int(os.environ.get("SOAK_SCALE", "1"))
@@ -28,7 +34,7 @@ METERS = 50
 
 @pytest.mark.soak
 async def test_daemon_killed_mid_stream_loses_nothing(
-    postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto
+    postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto, record: Callable[..., None]
 ) -> None:
     url = await fresh_database(postgres)
     prefix = f"K{uuid.uuid4().hex[:6]}"
@@ -50,6 +56,7 @@ async def test_daemon_killed_mid_stream_loses_nothing(
         assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
         _, kwh = await stored(url, prefix)
         assert kwh == pytest.approx(sum(k for _, _, k in messages), abs=1e-6)
+        record(**await tally(url, prefix, messages), kills=2)
     finally:
         assert daemon.stop() == 0, daemon.log()
 
@@ -62,7 +69,7 @@ def private_broker() -> Iterator[EmbeddedMosquitto]:
 
 @pytest.mark.soak
 async def test_backlog_queued_while_the_daemon_is_down_survives_a_broker_restart(
-    postgres: EmbeddedPostgres, private_broker: EmbeddedMosquitto
+    postgres: EmbeddedPostgres, private_broker: EmbeddedMosquitto, record: Callable[..., None]
 ) -> None:
     url = await fresh_database(postgres)
     prefix = f"B{uuid.uuid4().hex[:6]}"
@@ -77,13 +84,14 @@ async def test_backlog_queued_while_the_daemon_is_down_survives_a_broker_restart
     daemon.start()
     try:
         assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
+        record(**await tally(url, prefix, messages))
     finally:
         assert daemon.stop() == 0, daemon.log()
 
 
 @pytest.mark.soak
 async def test_database_outage_holds_a_bounded_buffer_and_loses_nothing(
-    mosquitto: EmbeddedMosquitto,
+    mosquitto: EmbeddedMosquitto, record: Callable[..., None]
 ) -> None:
     prefix = f"D{uuid.uuid4().hex[:6]}"
     messages = stream_of_readings(prefix, per_meter=20 * SCALE)
@@ -104,13 +112,16 @@ async def test_database_outage_holds_a_bounded_buffer_and_loses_nothing(
             assert 0 < body["buffer"]["depth"] <= 100 + 1  # at most one message past the bound
             pg.start()
             assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
+            record(
+                **await tally(url, prefix, messages), buffer_depth_at_most=body["buffer"]["depth"]
+            )
         finally:
             assert daemon.stop() == 0, daemon.log()
 
 
 @pytest.mark.soak
 async def test_a_backlog_of_gateway_arrays_bigger_than_the_buffer_drains_once(
-    postgres: EmbeddedPostgres, private_broker: EmbeddedMosquitto
+    postgres: EmbeddedPostgres, private_broker: EmbeddedMosquitto, record: Callable[..., None]
 ) -> None:
     """Queued arrays fill the buffer before the broker's SUBACK arrives: the daemon must keep
     its connection (no reconnect loop, so no redelivered copies) and store everything."""
@@ -128,6 +139,7 @@ async def test_a_backlog_of_gateway_arrays_bigger_than_the_buffer_drains_once(
     daemon.start()
     try:
         assert await wait_until_all_stored(url, prefix, len(readings)) == len(readings)
+        record(**await tally(url, prefix, readings), messages=len(arrays))
         metrics = daemon.get("/metrics").text
         assert 'outcome="duplicate"' not in metrics, "messages were delivered twice"
         assert "connection lost" not in daemon.log()

@@ -8,6 +8,7 @@ import asyncio
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +20,13 @@ from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
 from tests.conftest import fresh_database
 from tests.helpers import eventually, meter_json, minutes_ago, vehicle_json
 from tests.services import DaemonProcess, Publisher, running_mosquitto
-from tests.streams import BackgroundPublisher, stored, stream_of_readings, wait_until_all_stored
+from tests.streams import (
+    BackgroundPublisher,
+    stored,
+    stream_of_readings,
+    tally,
+    wait_until_all_stored,
+)
 
 REFUSE_CREATE_TABLE = """
 CREATE FUNCTION refuse_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
@@ -74,7 +81,7 @@ async def post_all(daemon: DaemonProcess, bodies: list[bytes]) -> list[int]:
 
 @pytest.mark.soak
 async def test_missing_partitions_hold_readings_unacked_until_upkeep_works_again(
-    postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto
+    postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto, record: Callable[..., None]
 ) -> None:
     url = await fresh_database(postgres)
     daemon = DaemonProcess(
@@ -113,6 +120,12 @@ async def test_missing_partitions_hold_readings_unacked_until_upkeep_works_again
         assert kwh == pytest.approx(sum(k for _, _, k in messages) + 0.5 * len(over_http))
         await healthy(daemon)
         assert log_lines(daemon, "PostgreSQL refused a flush (23514") == 1
+        as_sent = messages + [("(http)", body, 0.5) for body in over_http]
+        record(
+            **await tally(url, prefix, as_sent),
+            sent_over_http=len(over_http),
+            health_said=body["database"]["detail"][:160],
+        )
     finally:
         await conn.close()
         assert daemon.stop() == 0, daemon.log()
@@ -128,7 +141,11 @@ async def test_missing_partitions_hold_readings_unacked_until_upkeep_works_again
     ],
 )
 async def test_postgresql_refusing_every_write_for_its_own_reason_loses_nothing(
-    postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto, sqlstate: str, kind: str
+    postgres: EmbeddedPostgres,
+    mosquitto: EmbeddedMosquitto,
+    sqlstate: str,
+    kind: str,
+    record: Callable[..., None],
 ) -> None:
     url = await fresh_database(postgres)
     daemon = DaemonProcess(database_url=url, mqtt_url=mosquitto.url).start()
@@ -140,7 +157,7 @@ async def test_postgresql_refusing_every_write_for_its_own_reason_loses_nothing(
         publisher = Publisher(mosquitto.port)
         publisher.publish_all([(topic, payload) for topic, payload, _ in messages])
         publisher.close()
-        await health_saying(daemon, "database", sqlstate, "injected failure")
+        said = await health_saying(daemon, "database", sqlstate, "injected failure")
         metrics = httpx.get(daemon.base_url + "/metrics", timeout=5).text
         assert f'energy_ingest_flush_failures_total{{cause="{sqlstate}",kind="{kind}"}}' in metrics
         assert (await stored(url, prefix))[0] == 0
@@ -152,6 +169,7 @@ async def test_postgresql_refusing_every_write_for_its_own_reason_loses_nothing(
         assert kwh == pytest.approx(sum(k for _, _, k in messages))
         await healthy(daemon)
         assert log_lines(daemon, f"PostgreSQL refused a flush ({sqlstate}") == 1
+        record(**await tally(url, prefix, messages), health_said=said["database"]["detail"][:160])
     finally:
         await conn.close()
         assert daemon.stop() == 0, daemon.log()
@@ -159,7 +177,7 @@ async def test_postgresql_refusing_every_write_for_its_own_reason_loses_nothing(
 
 @pytest.mark.soak
 async def test_sigterm_under_load_ends_within_its_deadline_and_loses_nothing(
-    postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto
+    postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto, record: Callable[..., None]
 ) -> None:
     """Flushes blocked (a lock held on the history): SIGTERM still ends the daemon within
     SHUTDOWN_TIMEOUT_S; what it could not commit it never acknowledged, and the broker
@@ -194,13 +212,14 @@ async def test_sigterm_under_load_ends_within_its_deadline_and_loses_nothing(
     daemon.start()
     try:
         assert await wait_until_all_stored(url, prefix, len(messages)) == len(messages)
+        record(**await tally(url, prefix, messages), deadline_s=3, stopped_in_s=round(elapsed, 2))
     finally:
         assert daemon.stop() == 0, daemon.log()
 
 
 @pytest.mark.soak
 async def test_three_daemons_sharing_a_group_one_killed_mid_stream(
-    postgres: EmbeddedPostgres,
+    postgres: EmbeddedPostgres, record: Callable[..., None]
 ) -> None:
     """Every reading stored once; the two others carry on while the third is down; partition
     upkeep and retention run in all three at once (every second), safely."""
@@ -237,6 +256,7 @@ async def test_three_daemons_sharing_a_group_one_killed_mid_stream(
             assert kwh == pytest.approx(sum(k for _, _, k in messages))
             for daemon in daemons:
                 assert "partition upkeep failing" not in daemon.log()
+            record(**await tally(url, prefix, messages), stored_when_killed=at_kill)
         finally:
             for daemon in daemons:
                 assert daemon.stop() == 0, daemon.log()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -78,7 +78,10 @@ def peak_rss_mb(daemon: DaemonProcess) -> float:
 
 
 async def test_hostile_mqtt_payloads_are_rejected_and_valid_ones_beside_them_stored(
-    hostile_daemon: DaemonProcess, mosquitto: EmbeddedMosquitto, module_db: str
+    hostile_daemon: DaemonProcess,
+    mosquitto: EmbeddedMosquitto,
+    module_db: str,
+    record: Callable[..., None],
 ) -> None:
     meter = f"H-{uuid.uuid4().hex[:6]}"
     topic = f"meters/{meter}/telemetry"
@@ -114,6 +117,13 @@ async def test_hostile_mqtt_payloads_are_rejected_and_valid_ones_beside_them_sto
         assert row["size"] <= 2048 + 1
     assert hostile_daemon.get("/health").status_code == 200
     assert peak_rss_mb(hostile_daemon) < RSS_CEILING_MB
+    record(
+        hostile_messages=len(corpus(meter)),
+        payload_bytes=sum(len(p) for p in corpus(meter).values()),
+        rejection_records=len(reasons),
+        valid_stored=expected,
+        peak_rss_mb=round(peak_rss_mb(hostile_daemon), 1),
+    )
 
 
 ROUTES = [
@@ -125,9 +135,10 @@ ROUTES = [
 
 
 async def test_hostile_http_bodies_get_4xx_with_a_reason_never_a_5xx(
-    hostile_daemon: DaemonProcess,
+    hostile_daemon: DaemonProcess, record: Callable[..., None]
 ) -> None:
     meter = f"HH-{uuid.uuid4().hex[:6]}"
+    answers: dict[int, int] = {}
     async with httpx.AsyncClient(base_url=hostile_daemon.base_url, timeout=60) as client:
         for route in ROUTES:
             for name, body in corpus(meter).items():
@@ -143,11 +154,16 @@ async def test_hostile_http_bodies_get_4xx_with_a_reason_never_a_5xx(
                 if response.status_code >= 400:
                     detail = response.json()["detail"]
                     assert detail and all(p["message"] for p in detail), (route, name)
+                answers[response.status_code] = answers.get(response.status_code, 0) + 1
     assert peak_rss_mb(hostile_daemon) < RSS_CEILING_MB
+    record(answers=answers, peak_rss_mb=round(peak_rss_mb(hostile_daemon), 1))
 
 
 async def test_a_flood_of_rejections_keeps_the_record_bounded(
-    hostile_daemon: DaemonProcess, mosquitto: EmbeddedMosquitto, module_db: str
+    hostile_daemon: DaemonProcess,
+    mosquitto: EmbeddedMosquitto,
+    module_db: str,
+    record: Callable[..., None],
 ) -> None:
     flood = [(f"meters/F-{n % 100}/telemetry", b"not json %d" % n) for n in range(20_000)]
     publisher = RawPublisher("127.0.0.1", mosquitto.port, client_id="flood")
@@ -170,3 +186,4 @@ async def test_a_flood_of_rejections_keeps_the_record_bounded(
     assert newest == "not json 19999"  # oldest out first
     listed = hostile_daemon.get("/v1/rejections", limit=1000).json()["rejections"]
     assert len(listed) <= KEEP_REJECTIONS
+    record(flood=len(flood), kept=len(listed), dropped=dropped(), bound=KEEP_REJECTIONS)

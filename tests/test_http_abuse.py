@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -239,7 +239,7 @@ time.sleep(seconds)
 
 @pytest.mark.soak
 async def test_twenty_thousand_idle_connections_do_not_stop_health(
-    module_db: str, mosquitto: EmbeddedMosquitto
+    module_db: str, mosquitto: EmbeddedMosquitto, record: Callable[..., None]
 ) -> None:
     daemon = DaemonProcess(
         database_url=module_db, mqtt_url=mosquitto.url, http_header_timeout_s=30
@@ -258,10 +258,12 @@ async def test_twenty_thousand_idle_connections_do_not_stop_health(
             assert holder.stdout is not None
             opened.append(int(await asyncio.to_thread(holder.stdout.readline)))
         assert sum(opened) >= 19_000, opened
+        slowest = 0.0
         for _ in range(5):
             started = time.monotonic()
             response = await asyncio.to_thread(daemon.get, "/health")
             assert response.status_code == 200, response.text
+            slowest = max(slowest, time.monotonic() - started)
             assert time.monotonic() - started < 3
         body = await asyncio.to_thread(
             lambda: httpx.post(
@@ -271,6 +273,12 @@ async def test_twenty_thousand_idle_connections_do_not_stop_health(
             )
         )
         assert body.status_code == 201, body.text
+        record(
+            idle_connections_opened=sum(opened),
+            slowest_health_s=round(slowest, 3),
+            open_at_most=metric(daemon, "energy_ingest_http_connections"),
+            idle_closed=metric(daemon, "energy_ingest_http_idle_connections_closed_total"),
+        )
     finally:
         for holder in holders:
             holder.kill()
