@@ -7,6 +7,10 @@ between max(session start, window start) and min(session end, window end), half-
 Both queries read the history through its primary key (device id, ts) and repeat the window
 bounds as plain conditions on `ts`, so that PostgreSQL prunes every partition outside the
 window: the cost depends on the window, not on how much history is stored.
+
+Energy is summed as `numeric`: a float8 sum overflows (22003) past 1.8e308, which rows stored
+before MAX_KWH_PER_READING existed can reach; the totals come back as text and are read as
+floats (infinite, then, rather than an error).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from db.tables import METER, SESSIONS, VEHICLE
 
 VEHICLE_TOTALS = f"""
 SELECT count(*) AS readings,
-       coalesce(sum(kwh_delivered_dc), 0) AS dc_kwh,
+       coalesce(sum(kwh_delivered_dc::numeric), 0)::text AS dc_kwh,
        avg(battery_temp) AS avg_battery_temp
 FROM {VEHICLE.history}
 WHERE vehicle_id = $1 AND ts >= $2 AND ts < $3"""
 
 METER_TOTALS = f"""
-SELECT s.meter_id, count(m.ts) AS readings, coalesce(sum(m.kwh_consumed_ac), 0) AS ac_kwh
+SELECT s.meter_id, count(m.ts) AS readings,
+       coalesce(sum(m.kwh_consumed_ac::numeric), 0)::text AS ac_kwh
 FROM {SESSIONS} s
 LEFT JOIN LATERAL (
     SELECT ts, kwh_consumed_ac FROM {METER.history} m
@@ -80,4 +85,4 @@ async def vehicle_window(
     if not row["known"]:
         return None
     meters = [MeterTotal(m, int(n), float(kwh)) for m, n, kwh in orjson.loads(row["meters"])]
-    return VehicleWindow(row["dc_kwh"], row["readings"], row["avg_battery_temp"], meters)
+    return VehicleWindow(float(row["dc_kwh"]), row["readings"], row["avg_battery_temp"], meters)

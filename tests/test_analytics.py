@@ -277,3 +277,28 @@ async def test_analytics_answer_does_not_grow_with_history(postgres: EmbeddedPos
         assert large <= small * 1.5 + 10, (small, large)
     finally:
         await conn.close()
+
+
+async def test_absurd_stored_energy_does_not_break_analytics(daemon: DaemonProcess) -> None:
+    """Rows of 1.7e308 kWh, stored before MAX_KWH_PER_READING existed (written here past the
+    validation): a float sum would overflow (22003); analytics still answers."""
+    vehicle, meter = new_id("V"), new_id("M")
+    link(daemon, vehicle, meter)
+    conn = await asyncpg.connect(daemon.env["DATABASE_URL"])
+    try:
+        for seconds in (1, 2):
+            at = datetime.now(UTC) + timedelta(seconds=seconds)  # while linked
+            await conn.execute(
+                "INSERT INTO meter_readings VALUES ($1, $2, 1.7e308, 230, now())", meter, at
+            )
+            await conn.execute(
+                "INSERT INTO vehicle_readings VALUES ($1, $2, 50, 1.7e308, 20, now())", vehicle, at
+            )
+    finally:
+        await conn.close()
+    window = {"endTime": iso(datetime.now(UTC) + timedelta(hours=1))}
+    response = httpx.get(
+        f"{daemon.base_url}/v1/analytics/performance/{vehicle}", params=window, timeout=15
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["readings"] == {"meter": 2, "vehicle": 2}
