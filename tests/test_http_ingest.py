@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -204,9 +205,12 @@ async def test_database_down_is_503_with_retry_after_never_a_hang(
         ).start()
         try:
             await asyncio.to_thread(pg.stop)
-            answers = [
-                post(daemon, "/v1/ingestion/meter", meter_body(new_id("M"))) for _ in range(3)
-            ]
+            during = [meter_body(new_id("M")) for _ in range(3)]
+            answers, waited = [], []
+            for body in during:
+                started = time.monotonic()
+                answers.append(post(daemon, "/v1/ingestion/meter", body))
+                waited.append(time.monotonic() - started)
             for response in answers:
                 assert response.status_code == 503, response.text
                 assert int(response.headers["retry-after"]) > 0
@@ -220,6 +224,19 @@ async def test_database_down_is_503_with_retry_after_never_a_hang(
                 return post(daemon, "/v1/ingestion/meter", meter_body(meter)).status_code == 201
 
             await eventually(lambda: asyncio.to_thread(stored_again), timeout_s=30)
+            # A request that waited out HTTP_COMMIT_TIMEOUT_S was buffered: answered 503, it is
+            # still written once PostgreSQL is back. One refused at once (the database known
+            # down) was not taken: its caller must retry.
+            conn = await asyncpg.connect(database_url(pg, "energy"))
+            try:
+                for body, seconds in zip(during, waited, strict=True):
+                    n = await conn.fetchval(
+                        "SELECT count(*) FROM meter_readings WHERE meter_id = $1", body["meterId"]
+                    )
+                    assert n == (1 if seconds >= 1.5 else 0), (seconds, n)
+            finally:
+                await conn.close()
+            assert max(waited) >= 1.5  # the first waited: the outage was not known yet
         finally:
             assert daemon.stop() == 0, daemon.log()
 
