@@ -62,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def messages(args: argparse.Namespace, fleet: Fleet) -> list[Message]:
     rng = random.Random(args.seed)
-    first = datetime.now(UTC) - timedelta(hours=args.start)
+    now = datetime.now(UTC)
+    # Timestamps are written to the millisecond (cut, not rounded): start on the next whole
+    # millisecond, so that a reading made just after a link (--link) is never written as a
+    # moment before it.
+    now += timedelta(microseconds=(1000 - now.microsecond % 1000) % 1000)
+    first = now - timedelta(hours=args.start)
     heartbeats: list[Message] = []
     for minute in range(args.minutes):
         heartbeats.extend(fleet.minute(first + timedelta(minutes=minute)))
