@@ -1,8 +1,10 @@
-"""Per-vehicle charging efficiency (SPEC §6)."""
+"""Charging efficiency of one vehicle (SPEC §6); the window rules every analytics route
+shares."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from starlette.requests import Request
 
@@ -14,6 +16,7 @@ from api.state import runtime_of
 from daemon.config import Settings
 from daemon.readings import OUT_OF_CALENDAR, is_device_id
 from db import analytics
+from db.windows import Piece, pieces
 
 KWH_DECIMALS = 6
 RATIO_DECIMALS = 4
@@ -67,6 +70,34 @@ def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]
     return start, end
 
 
+def figures(v: analytics.VehicleWindow, threshold: float) -> dict[str, Any]:
+    """A vehicle's figures, as the per-vehicle route and each row of the fleet give them."""
+    ac = v.ac_kwh
+    ratio = round(v.dc_kwh / ac, RATIO_DECIMALS) if ac > 0 else None
+    temp = v.avg_battery_temp
+    return {
+        "vehicleId": v.vehicle_id,
+        "totalAcConsumedKwh": _kwh(ac),
+        "totalDcDeliveredKwh": _kwh(v.dc_kwh),
+        "efficiencyRatio": ratio,
+        "avgBatteryTemp": round(temp, 3) if temp is not None else None,
+        "readings": {"meter": sum(m.readings for m in v.meters), "vehicle": v.vehicle_readings},
+        "meters": [
+            {"meterId": m.meter_id, "acConsumedKwh": _kwh(m.ac_kwh), "readings": m.readings}
+            for m in v.meters
+        ],
+        "alert": ratio is not None and ratio < threshold,
+    }
+
+
+def _kwh(value: float) -> float:
+    return round(value, KWH_DECIMALS) + 0.0  # (+ 0.0: never -0.0)
+
+
+def pieces_of(start: datetime, end: datetime) -> list[Piece]:
+    return pieces(start, end, now=datetime.now(UTC))
+
+
 @require("operator")
 async def performance(request: Request) -> JSON:
     runtime = runtime_of(request)
@@ -75,35 +106,16 @@ async def performance(request: Request) -> JSON:
     if not is_device_id(vehicle_id):  # (never stored: no need to ask the database)
         raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
     async with connection(runtime) as conn:
-        totals = await analytics.vehicle_window(conn, vehicle_id, start, end)
+        totals = await analytics.vehicle_window(conn, vehicle_id, pieces_of(start, end), start, end)
     if totals is None:
         raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
     threshold = runtime.settings.alert_efficiency_threshold
-    ac = round(totals.ac_kwh, KWH_DECIMALS)
-    ratio = round(totals.dc_kwh / totals.ac_kwh, RATIO_DECIMALS) if totals.ac_kwh > 0 else None
+    body = figures(totals, threshold)
     return JSON(
         {
-            "vehicleId": vehicle_id,
+            "vehicleId": body.pop("vehicleId"),
             "window": {"startTime": start, "endTime": end},
-            "totalAcConsumedKwh": ac,
-            "totalDcDeliveredKwh": round(totals.dc_kwh, KWH_DECIMALS),
-            "efficiencyRatio": ratio,
-            "avgBatteryTemp": (
-                round(totals.avg_battery_temp, 3) if totals.avg_battery_temp is not None else None
-            ),
-            "readings": {
-                "meter": sum(m.readings for m in totals.meters),
-                "vehicle": totals.vehicle_readings,
-            },
-            "meters": [
-                {
-                    "meterId": m.meter_id,
-                    "acConsumedKwh": round(m.ac_kwh, KWH_DECIMALS),
-                    "readings": m.readings,
-                }
-                for m in totals.meters
-            ],
-            "alert": ratio is not None and ratio < threshold,
+            **body,
             "alertThreshold": threshold,
         }
     )

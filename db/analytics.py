@@ -1,61 +1,145 @@
-"""Charging efficiency of a vehicle over a window (SPEC §5, §6).
+"""Charging efficiency over a window (SPEC §5, §6): one vehicle, the whole fleet, and a
+vehicle's series of buckets for charts.
 
-DC is what the vehicle reported in the window. AC is what its meters measured while each was
-linked to it: every session overlapping the window contributes the readings of its meter
-between max(session start, window start) and min(session end, window end), half-open.
+DC is what a vehicle reported in the window. AC is what its meters measured while each was
+linked to it: every session overlapping the window contributes its meter's readings between
+max(session start, window start) and min(session end, window end), half-open.
 
-Both queries read the history through its primary key (device id, ts) and repeat the window
-bounds as plain conditions on `ts`, so that PostgreSQL prunes every partition outside the
-window: the cost depends on the window, not on how much history is stored.
-
-Energy is summed as `numeric`: a float8 sum overflows (22003) past 1.8e308, which rows stored
-before MAX_KWH_PER_READING existed can reach; the totals come back as text and are read as
-floats (infinite, then, rather than an error).
+Sums come from the hourly roll-ups for whole hours and from the raw readings for the parts of
+hours at the window's edges (db/windows.py decides which). Sessions that cover the whole
+window share the window's pieces; one that starts or ends inside it is summed over its own
+hours and edges. One vehicle and the fleet run the same statement (the vehicle's names it),
+so their numbers agree; the cost depends on the window and the fleet's size, not on how much
+history is stored.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
-import orjson
 
 from db.tables import METER, SESSIONS, VEHICLE
+from db.windows import HOURLY, RAW, Piece
 
-VEHICLE_TOTALS = f"""
-SELECT count(*) AS readings,
-       coalesce(sum(kwh_delivered_dc::numeric), 0)::text AS dc_kwh,
-       avg(battery_temp) AS avg_battery_temp
-FROM {VEHICLE.history}
-WHERE vehicle_id = $1 AND ts >= $2 AND ts < $3"""
+# A reading over this many kWh cannot be stored any more (MAX_KWH_PER_READING), but rows
+# stored before that bound existed can hold up to 1.8e308, and summing two overflows float8
+# (22003): each is read as at most this much, so a window's sum always fits.
+CLAMP = "1e300"
 
-METER_TOTALS = f"""
-SELECT s.meter_id, count(m.ts) AS readings,
-       coalesce(sum(m.kwh_consumed_ac::numeric), 0)::text AS ac_kwh
-FROM {SESSIONS} s
-LEFT JOIN LATERAL (
-    SELECT ts, kwh_consumed_ac FROM {METER.history} m
-    WHERE m.meter_id = s.meter_id
-      AND m.ts >= $2 AND m.ts < $3
-      AND m.ts >= s.started_at AND (s.ended_at IS NULL OR m.ts < s.ended_at)
-) m ON true
-WHERE s.vehicle_id = $1 AND s.started_at < $3 AND (s.ended_at IS NULL OR s.ended_at > $2)
-GROUP BY s.meter_id
-ORDER BY s.meter_id"""
+# Window start and end are $1 and $2; each piece's bounds follow ($3, $4, ...); the vehicle,
+# for one vehicle's figures, comes last.
+FIRST_PIECE_PARAM = 3
+
+
+def _ceil_hour(column: str) -> str:
+    floor = f"date_trunc('hour', {column}, 'UTC')"
+    return f"{floor} + CASE WHEN {floor} < {column} THEN interval '1 hour' ELSE interval '0' END"
+
+
+def _parts(window: list[Piece], branches: dict[str, str]) -> str:
+    """One branch of UNION ALL per piece, its bounds as parameters (so that PostgreSQL
+    prunes partitions and plans each range for what it is) and its sign in the text."""
+    parts = []
+    for n, piece in enumerate(window):
+        lo, hi = FIRST_PIECE_PARAM + 2 * n, FIRST_PIECE_PARAM + 2 * n + 1
+        parts.append(branches[piece.kind].format(sign=piece.sign, lo=f"${lo}", hi=f"${hi}"))
+    return "\n        UNION ALL".join(parts) or "\n        SELECT NULL, 0, 0, 0 WHERE false"
+
+
+def _window_sql(window: list[Piece], *, one_vehicle: bool) -> str:
+    """Rows of (vehicle, meter): the vehicle's DC figures (repeated on each of its meters'
+    rows) and the AC its meter measured while linked to it, over the window."""
+    vehicle_param = f"${FIRST_PIECE_PARAM + 2 * len(window)}"
+    vehicle = f"AND {{alias}}.vehicle_id = {vehicle_param}" if one_vehicle else ""
+    its_meters = f"SELECT meter_id FROM {SESSIONS} WHERE vehicle_id = {vehicle_param}"
+    meter = f"AND {{alias}}.meter_id IN ({its_meters})" if one_vehicle else ""
+    h_vehicle, v_vehicle = vehicle.format(alias="h"), vehicle.format(alias="v")
+    h_meter, m_meter = meter.format(alias="h"), meter.format(alias="m")
+    dc_parts = _parts(
+        window,
+        {
+            HOURLY: f"""
+        SELECT h.vehicle_id, {{sign}} * least(h.kwh_delivered_dc, {CLAMP}), {{sign}} * h.readings,
+               {{sign}} * h.battery_temp_sum
+        FROM {VEHICLE.hourly} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_vehicle}""",
+            RAW: f"""
+        SELECT v.vehicle_id, {{sign}} * least(v.kwh_delivered_dc, {CLAMP}), {{sign}},
+               {{sign}} * v.battery_temp
+        FROM {VEHICLE.history} v WHERE v.ts >= {{lo}} AND v.ts < {{hi}} {v_vehicle}""",
+        },
+    )
+    ac_parts = _parts(
+        window,
+        {
+            HOURLY: f"""
+        SELECT h.meter_id, {{sign}} * least(h.kwh_consumed_ac, {CLAMP}), {{sign}} * h.readings, 0
+        FROM {METER.hourly} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_meter}""",
+            RAW: f"""
+        SELECT m.meter_id, {{sign}} * least(m.kwh_consumed_ac, {CLAMP}), {{sign}}, 0
+        FROM {METER.history} m WHERE m.ts >= {{lo}} AND m.ts < {{hi}} {m_meter}""",
+        },
+    )
+    return f"""
+WITH dc AS (
+    SELECT vehicle_id, sum(kwh) AS kwh, sum(n)::bigint AS n, sum(temp) AS temp
+    FROM ({dc_parts}
+    ) parts (vehicle_id, kwh, n, temp) GROUP BY vehicle_id
+),
+meter_window AS (
+    SELECT meter_id, sum(kwh) AS kwh, sum(n)::bigint AS n
+    FROM ({ac_parts}
+    ) parts (meter_id, kwh, n, unused) GROUP BY meter_id
+),
+iv AS (
+    SELECT s.vehicle_id, s.meter_id,
+           greatest(s.started_at, $1) AS a, least(coalesce(s.ended_at, 'infinity'), $2) AS b,
+           s.started_at <= $1 AND (s.ended_at IS NULL OR s.ended_at >= $2) AS whole
+    FROM {SESSIONS} s
+    WHERE s.started_at < $2 AND (s.ended_at IS NULL OR s.ended_at > $1)
+      {vehicle.format(alias="s")}
+),
+edges AS (
+    SELECT vehicle_id, meter_id, a, b, {_ceil_hour("a")} AS ha, date_trunc('hour', b, 'UTC') AS hb
+    FROM iv WHERE NOT whole
+),
+partial AS (
+    SELECT vehicle_id, meter_id, sum(kwh) AS kwh, sum(n)::bigint AS n FROM (
+        SELECT e.vehicle_id, e.meter_id, least(h.kwh_consumed_ac, {CLAMP}) AS kwh, h.readings AS n
+        FROM edges e JOIN {METER.hourly} h
+          ON h.meter_id = e.meter_id AND h.hour >= e.ha AND h.hour < e.hb
+        WHERE h.hour >= date_trunc('hour', $1, 'UTC') AND h.hour < $2
+        UNION ALL
+        SELECT e.vehicle_id, e.meter_id, least(m.kwh_consumed_ac, {CLAMP}), 1
+        FROM edges e JOIN {METER.history} m
+          ON m.meter_id = e.meter_id AND m.ts >= e.a AND m.ts < least(e.ha, e.b)
+        WHERE m.ts >= $1 AND m.ts < $2
+        UNION ALL
+        SELECT e.vehicle_id, e.meter_id, least(m.kwh_consumed_ac, {CLAMP}), 1
+        FROM edges e JOIN {METER.history} m
+          ON m.meter_id = e.meter_id AND m.ts >= greatest(e.hb, e.ha) AND m.ts < e.b
+        WHERE m.ts >= $1 AND m.ts < $2
+    ) parts GROUP BY vehicle_id, meter_id
+),
+ac AS (
+    SELECT i.vehicle_id, i.meter_id, coalesce(w.kwh, 0) AS kwh, coalesce(w.n, 0) AS n
+    FROM iv i LEFT JOIN meter_window w USING (meter_id) WHERE i.whole
+    UNION ALL
+    SELECT l.vehicle_id, l.meter_id, coalesce(p.kwh, 0), coalesce(p.n, 0)
+    FROM (SELECT DISTINCT vehicle_id, meter_id FROM iv WHERE NOT whole) l
+    LEFT JOIN partial p USING (vehicle_id, meter_id)
+)
+SELECT coalesce(dc.vehicle_id, ac.vehicle_id) AS vehicle_id,
+       coalesce(dc.kwh, 0) AS dc_kwh, coalesce(dc.n, 0) AS vehicle_readings,
+       dc.temp AS battery_temp_sum, ac.meter_id, ac.kwh AS ac_kwh, ac.n AS meter_readings
+FROM dc FULL JOIN ac USING (vehicle_id)"""
+
 
 VEHICLE_KNOWN = f"""
 SELECT EXISTS (SELECT 1 FROM {VEHICLE.latest} WHERE vehicle_id = $1)
     OR EXISTS (SELECT 1 FROM {SESSIONS} WHERE vehicle_id = $1)"""
-
-# All three in one round trip: the route's latency is mostly round trips.
-PERFORMANCE = f"""
-WITH dc AS ({VEHICLE_TOTALS}), ac AS ({METER_TOTALS})
-SELECT ({VEHICLE_KNOWN}) AS known, dc.readings, dc.dc_kwh, dc.avg_battery_temp,
-       (SELECT coalesce(json_agg(json_build_array(meter_id, readings, ac_kwh)
-                                 ORDER BY meter_id), '[]')
-        FROM ac)::text AS meters
-FROM dc"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,22 +151,84 @@ class MeterTotal:
 
 @dataclass(frozen=True, slots=True)
 class VehicleWindow:
+    vehicle_id: str
     dc_kwh: float
     vehicle_readings: int
-    avg_battery_temp: float | None
+    battery_temp_sum: float | None
     meters: list[MeterTotal]
 
     @property
     def ac_kwh(self) -> float:
         return sum(m.ac_kwh for m in self.meters)
 
+    @property
+    def avg_battery_temp(self) -> float | None:
+        if not self.vehicle_readings or self.battery_temp_sum is None:
+            return None
+        return self.battery_temp_sum / self.vehicle_readings
+
+
+def _energy(kwh: float, readings: int) -> float:
+    # An hour's roll-up minus the readings outside the window can leave a float's last bit
+    # where no reading is: with no reading there is no energy.
+    return float(kwh) if readings else 0.0
+
+
+def _vehicles(records: list[asyncpg.Record]) -> list[VehicleWindow]:
+    """Rows of (vehicle, meter) gathered by vehicle, meters in id order."""
+    rows: dict[str, tuple[asyncpg.Record, list[MeterTotal]]] = {}
+    for record in records:
+        _, meters = rows.setdefault(record["vehicle_id"], (record, []))
+        if record["meter_id"] is not None:
+            n = int(record["meter_readings"])
+            meters.append(MeterTotal(record["meter_id"], n, _energy(record["ac_kwh"], n)))
+    vehicles = []
+    for vehicle_id, (record, meters) in rows.items():
+        readings = int(record["vehicle_readings"])
+        # (One meter can serve a vehicle in two sessions of the window: one line for it.)
+        merged: dict[str, MeterTotal] = {}
+        for m in meters:
+            seen = merged.get(m.meter_id)
+            merged[m.meter_id] = (
+                m
+                if seen is None
+                else MeterTotal(m.meter_id, seen.readings + m.readings, seen.ac_kwh + m.ac_kwh)
+            )
+        vehicles.append(
+            VehicleWindow(
+                vehicle_id,
+                _energy(record["dc_kwh"], readings),
+                readings,
+                record["battery_temp_sum"] if readings else None,
+                [merged[m] for m in sorted(merged)],
+            )
+        )
+    return vehicles
+
+
+def _args(window: list[Piece], start: datetime, end: datetime) -> list[Any]:
+    return [start, end, *(bound for p in window for bound in (p.lo, p.hi))]
+
 
 async def vehicle_window(
-    conn: asyncpg.Connection, vehicle_id: str, start: datetime, end: datetime
+    conn: asyncpg.Connection,
+    vehicle_id: str,
+    window: list[Piece],
+    start: datetime,
+    end: datetime,
 ) -> VehicleWindow | None:
     """The vehicle's totals over [start, end), or None for a vehicle never seen."""
-    row = await conn.fetchrow(PERFORMANCE, vehicle_id, start, end)
-    if not row["known"]:
+    if not await conn.fetchval(VEHICLE_KNOWN, vehicle_id):
         return None
-    meters = [MeterTotal(m, int(n), float(kwh)) for m, n, kwh in orjson.loads(row["meters"])]
-    return VehicleWindow(float(row["dc_kwh"]), row["readings"], row["avg_battery_temp"], meters)
+    sql = _window_sql(window, one_vehicle=True)
+    found = _vehicles(await conn.fetch(sql, *_args(window, start, end), vehicle_id))
+    return found[0] if found else VehicleWindow(vehicle_id, 0.0, 0, None, [])
+
+
+async def fleet_window(
+    conn: asyncpg.Connection, window: list[Piece], start: datetime, end: datetime
+) -> list[VehicleWindow]:
+    """Every vehicle with readings in [start, end), of its own or of a meter linked to it."""
+    records = await conn.fetch(_window_sql(window, one_vehicle=False), *_args(window, start, end))
+    vehicles = _vehicles(records)
+    return [v for v in vehicles if v.vehicle_readings or any(m.readings for m in v.meters)]

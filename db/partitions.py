@@ -71,7 +71,7 @@ async def upkeep(
         if not got_lock:
             return UpkeepReport([], [], skipped=True)
         await conn.execute("SET LOCAL lock_timeout = '5s'")
-        for table in PARTITIONED:
+        for table, storage in PARTITIONED.items():
             existing = {r["relname"] for r in await conn.fetch(LIST_PARTITIONS, table)}
             for day in wanted:
                 name = partition_name(table, day)
@@ -80,7 +80,7 @@ async def upkeep(
                 await conn.execute(
                     f'CREATE TABLE "{name}" PARTITION OF "{table}" '
                     f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
-                    f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00')"
+                    f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00'){storage}"
                 )
                 created.append(name)
             for name in sorted(existing):

@@ -10,6 +10,7 @@ class StreamTables:
     stream: str
     history: str
     latest: str
+    hourly: str
     id_column: str
     value_columns: tuple[str, ...]
     value_types: tuple[str, ...]
@@ -28,6 +29,7 @@ METER = StreamTables(
     stream="meter",
     history="meter_readings",
     latest="meter_latest",
+    hourly="meter_hourly",
     id_column="meter_id",
     value_columns=("kwh_consumed_ac", "voltage"),
     value_types=("float8", "float8"),
@@ -36,11 +38,19 @@ VEHICLE = StreamTables(
     stream="vehicle",
     history="vehicle_readings",
     latest="vehicle_latest",
+    hourly="vehicle_hourly",
     id_column="vehicle_id",
     value_columns=("soc", "kwh_delivered_dc", "battery_temp"),
     value_types=("float8", "float8", "float8"),
 )
 STREAMS: dict[str, StreamTables] = {"meter": METER, "vehicle": VEHICLE}
-PARTITIONED = (METER.history, VEHICLE.history)
+# Day partitions on their time column, and what each is created with (the roll-ups are
+# rewritten in place all day: room on each page keeps those updates HOT).
+PARTITIONED = {
+    METER.history: "",
+    VEHICLE.history: "",
+    METER.hourly: " WITH (fillfactor = 70)",
+    VEHICLE.hourly: " WITH (fillfactor = 70)",
+}
 REJECTIONS = "rejections"
 SESSIONS = "charging_sessions"

@@ -1,8 +1,9 @@
 """The flush transaction: a whole batch of readings and rejections in one SQL statement.
 
 For each stream, the statement inserts the history rows (duplicates of (device, ts) are
-skipped, not errors) and upserts the latest row per device, guarded so that an older reading
-never overwrites a newer state; then it records the rejections. Arrays travel through
+skipped, not errors), adds what it stored to each device's hourly roll-up, and upserts the
+latest row per device, guarded so that an older reading never overwrites a newer state; then
+it records the rejections. Arrays travel through
 `unnest`, never a statement per reading; the latest rows are written in device-id order so
 that two daemons cannot deadlock.
 
@@ -26,6 +27,34 @@ REJECTION_COLUMNS = ("received_at", "source", "topic_or_route", "payload", "reas
 REJECTION_TYPES = ("timestamptz", "text", "text", "text", "text")
 
 
+# Each stored reading added to its device's hour, from what the history insert returned: so
+# a duplicate (not inserted) is never counted, nor a reading the history refuses (the whole
+# statement fails), and a late reading goes to its own hour. In (device, hour) order, so that
+# two daemons never lock the same rows in opposite orders.
+_HOURLY = {
+    "meter": """
+    INSERT INTO {t.hourly} AS h (meter_id, hour, kwh_consumed_ac, readings)
+    SELECT meter_id, date_trunc('hour', ts, 'UTC'), sum(kwh_consumed_ac), count(*)
+    FROM {s}_inserted GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (meter_id, hour) DO UPDATE
+    SET kwh_consumed_ac = h.kwh_consumed_ac + EXCLUDED.kwh_consumed_ac,
+        readings = h.readings + EXCLUDED.readings""",
+    "vehicle": """
+    INSERT INTO {t.hourly} AS h
+        (vehicle_id, hour, kwh_delivered_dc, readings, battery_temp_sum, last_ts, last_soc)
+    SELECT vehicle_id, date_trunc('hour', ts, 'UTC'), sum(kwh_delivered_dc), count(*),
+           sum(battery_temp), max(ts), (array_agg(soc ORDER BY ts DESC))[1]
+    FROM {s}_inserted GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (vehicle_id, hour) DO UPDATE
+    SET kwh_delivered_dc = h.kwh_delivered_dc + EXCLUDED.kwh_delivered_dc,
+        readings = h.readings + EXCLUDED.readings,
+        battery_temp_sum = h.battery_temp_sum + EXCLUDED.battery_temp_sum,
+        last_soc = CASE WHEN EXCLUDED.last_ts > h.last_ts THEN EXCLUDED.last_soc
+                        ELSE h.last_soc END,
+        last_ts = greatest(h.last_ts, EXCLUDED.last_ts)""",
+}
+
+
 def _stream_sql(t: StreamTables, first: int) -> tuple[str, str]:
     """The CTEs writing one stream (parameters from `$first`), and what it returns."""
     s, cols = t.stream, ", ".join(t.columns)
@@ -38,7 +67,8 @@ def _stream_sql(t: StreamTables, first: int) -> tuple[str, str]:
     INSERT INTO {t.history} ({cols})
     SELECT {cols} FROM {s}_batch
     ON CONFLICT ({t.id_column}, ts) DO NOTHING
-    RETURNING {t.id_column}, ts
+    RETURNING {t.id_column}, ts, {", ".join(t.value_columns)}
+), {s}_rollup AS ({_HOURLY[s].format(t=t, s=s)}
 ), {s}_latest AS (
     INSERT INTO {t.latest} AS l ({cols})
     SELECT DISTINCT ON ({t.id_column}) {cols} FROM {s}_batch ORDER BY {t.id_column}, ts DESC

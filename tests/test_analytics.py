@@ -13,7 +13,9 @@ import orjson
 import pytest
 
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
-from db.analytics import PERFORMANCE, VEHICLE_TOTALS
+from db.analytics import _args, _window_sql
+from db.rollup import rebuild
+from db.windows import HOUR, pieces
 from tests.conftest import fresh_database
 from tests.helpers import iso
 from tests.services import DaemonProcess, Publisher
@@ -238,16 +240,24 @@ async def test_analytics_plan_reads_only_the_window_partitions_from_the_index(
         day = (datetime.now(UTC) - timedelta(days=2)).replace(
             hour=0, minute=0, second=0, microsecond=0
         )
-        window = (day + timedelta(hours=6), day + timedelta(hours=18))
+        window = (day + timedelta(hours=6, minutes=10), day + timedelta(hours=18, minutes=50))
+        await rebuild(conn, datetime.now(UTC) - timedelta(days=40), datetime.now(UTC))
+        await conn.execute("VACUUM ANALYZE")
         partition = f"_p{day:%Y%m%d}"
-        for query in (PERFORMANCE,):
-            raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", "V7", *window)
+        split = pieces(*window, now=datetime.now(UTC))
+        for one_vehicle in (True, False):
+            sql = _window_sql(split, one_vehicle=one_vehicle)
+            args = [*_args(split, *window), *(["V7"] if one_vehicle else [])]
+            raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
             nodes = scanned(json.loads(raw)[0]["Plan"])
-            history = [(kind, rel) for kind, rel in nodes if "_readings" in rel]
-            assert history, nodes
-            assert all(rel.endswith(partition) for _, rel in history), history
-            # The summed values ride in the key's index: no visit to the table's pages.
-            assert all(kind == "Index Only Scan" for kind, _ in history), history
+            stored = [
+                (kind, rel) for kind, rel in nodes if "_readings_p" in rel or "_hourly_p" in rel
+            ]
+            assert stored, nodes
+            assert all(rel.endswith(partition) for _, rel in stored), stored
+            if one_vehicle:  # a vehicle's raw readings from the key's index alone
+                readings = [kind for kind, rel in stored if "_readings_" in rel]
+                assert readings and all(kind == "Index Only Scan" for kind in readings), stored
         total = await conn.fetchval("SELECT count(*) FROM meter_readings")
         assert total > 300_000  # a history much larger than the window
     finally:
@@ -261,20 +271,33 @@ async def test_analytics_answer_does_not_grow_with_history(postgres: EmbeddedPos
         window_end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         window = (window_end - timedelta(hours=6), window_end)
 
-        async def buffers() -> int:
-            raw = await conn.fetchval(
-                f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {VEHICLE_TOTALS}", "V7", *window
-            )
+        split = pieces(*window, now=datetime.now(UTC))
+
+        async def buffers(one_vehicle: bool) -> int:
+            sql = _window_sql(split, one_vehicle=one_vehicle)
+            args = [*_args(split, *window), *(["V7"] if one_vehicle else [])]
+            raw = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
             plan = json.loads(raw)[0]["Plan"]
             return int(plan["Shared Hit Blocks"] + plan["Shared Read Blocks"])
 
-        await conn.execute(bulk("vehicle", f"{TODAY} - interval '1 day'", "now()"))
-        await conn.execute("ANALYZE")
-        small = await buffers()
-        await conn.execute(bulk("vehicle", FULL_HISTORY[0], f"{TODAY} - interval '1 day'"))
-        await conn.execute("ANALYZE")
-        large = await buffers()
-        assert large <= small * 1.5 + 10, (small, large)
+        for stream in ("meter", "vehicle"):
+            await conn.execute(bulk(stream, f"{TODAY} - interval '1 day'", "now()"))
+        await conn.execute(
+            "INSERT INTO charging_sessions (vehicle_id, meter_id, started_at) "
+            "SELECT 'V' || d, 'M' || d, now() - interval '40 days' "
+            f"FROM generate_series(1, {DEVICES}) d"
+        )
+        await rebuild(conn, datetime.now(UTC) - timedelta(days=2), datetime.now(UTC))
+        await conn.execute("VACUUM ANALYZE")
+        small = {flag: await buffers(flag) for flag in (True, False)}
+        for stream in ("meter", "vehicle"):
+            await conn.execute(bulk(stream, FULL_HISTORY[0], f"{TODAY} - interval '1 day'"))
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        await rebuild(conn, today - timedelta(days=HISTORY_DAYS), today - timedelta(days=1))
+        await conn.execute("VACUUM ANALYZE")
+        for flag in (True, False):  # one vehicle, and the whole fleet
+            large = await buffers(flag)
+            assert large <= small[flag] * 1.5 + 10, (flag, small[flag], large)
     finally:
         await conn.close()
 
@@ -294,6 +317,9 @@ async def test_absurd_stored_energy_does_not_break_analytics(daemon: DaemonProce
             await conn.execute(
                 "INSERT INTO vehicle_readings VALUES ($1, $2, 50, 1.7e308, 20, now())", vehicle, at
             )
+        await rebuild(
+            conn, datetime.now(UTC), datetime.now(UTC) + HOUR, meters=[meter], vehicles=[vehicle]
+        )
     finally:
         await conn.close()
     window = {"endTime": iso(datetime.now(UTC) + timedelta(hours=1))}
