@@ -12,11 +12,12 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api import analytics, ingestion, links, operators
+from api import analytics, fleet, ingestion, links, operators, series
 from api.auth import Handler
 from api.schemas import (
     BatchResult,
     ErrorBody,
+    FleetPage,
     Health,
     LinkRequest,
     LinkResult,
@@ -24,6 +25,7 @@ from api.schemas import (
     MeterStatus,
     Performance,
     RejectionPage,
+    Series,
     StoredReading,
     VehicleBatch,
     VehicleStatus,
@@ -177,6 +179,32 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ok=(200, Performance),
         errors=(400, 404, 503),
         query=WINDOW,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/analytics/performance/{vehicleId}/series",
+        series.series,
+        "A vehicle's AC, DC, efficiency, battery temperature and SoC, bucket by bucket",
+        "analytics",
+        ok=(200, Series),
+        errors=(400, 404, 503),
+        query=(*WINDOW, Query("bucket", "15m, 1h (default) or 1d")),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/analytics/fleet",
+        fleet.fleet,
+        "Every vehicle's charging efficiency over a window, worst first",
+        "analytics",
+        ok=(200, FleetPage),
+        errors=(400, 503),
+        query=(
+            *WINDOW,
+            Query("limit", "page size, 1 to 10000 (default 100)", "integer"),
+            Query("cursor", "`next` of the previous page (it keeps that page's window)"),
+            Query("alert", "true: only vehicles under the alert threshold", "boolean"),
+            Query("format", "json (default) or csv; or ask with Accept: text/csv"),
+        ),
     ),
     Endpoint(
         "GET",

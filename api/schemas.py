@@ -148,3 +148,40 @@ class Health(_Body):
     partitions: Check
     buffer: BufferState
     auth: str
+
+
+class FleetVehicle(_Body):
+    vehicle_id: str = Field(alias="vehicleId")
+    total_ac_consumed_kwh: float = Field(alias="totalAcConsumedKwh")
+    total_dc_delivered_kwh: float = Field(alias="totalDcDeliveredKwh")
+    efficiency_ratio: float | None = Field(alias="efficiencyRatio")
+    avg_battery_temp: float | None = Field(alias="avgBatteryTemp")
+    readings: ReadingCounts
+    meters: list[MeterShare]
+    alert: bool
+
+
+class FleetPage(_Body):
+    window: Window
+    alert_threshold: float = Field(alias="alertThreshold")
+    alert_only: bool = Field(alias="alertOnly")
+    total: int = Field(description="vehicles in the listing, over every page")
+    vehicles: list[FleetVehicle] = Field(description="worst efficiency first; no AC last")
+    next: str | None = Field(description="pass as `cursor` for the next page")
+
+
+class SeriesBucket(_Body):
+    start: datetime
+    ac_kwh: float = Field(alias="acKwh")
+    dc_kwh: float = Field(alias="dcKwh")
+    efficiency_ratio: float | None = Field(alias="efficiencyRatio")
+    avg_battery_temp: float | None = Field(alias="avgBatteryTemp")
+    last_soc: float | None = Field(alias="lastSoc")
+    readings: ReadingCounts
+
+
+class Series(_Body):
+    vehicle_id: str = Field(alias="vehicleId")
+    window: Window
+    bucket: str
+    series: list[SeriesBucket]

@@ -53,14 +53,16 @@ class Fleet:
     def links(self) -> list[dict[str, str]]:
         return [{"vehicleId": v.vehicle_id, "meterId": v.meter_id} for v in self.vehicles]
 
-    def minute(self, at: datetime) -> list[tuple[str, bytes]]:
-        """One heartbeat of every device at `at`: (topic, JSON payload), vehicles then meters."""
+    def minute(self, at: datetime, *, share_of_minute: float = 1.0) -> list[tuple[str, bytes]]:
+        """One heartbeat of every device at `at`: (topic, JSON payload), vehicles then meters;
+        the energy of `share_of_minute` of a minute of charging (live heartbeats come every
+        few seconds)."""
         stamp = iso_ms(at)
         ac: dict[str, float] = dict.fromkeys(self.meters, 0.0)
         out: list[tuple[str, bytes]] = []
         day_share = (at.hour * 60 + at.minute) / 1440
         for n, vehicle in enumerate(self.vehicles):
-            dc = self._rng.uniform(*DC_KWH_PER_MINUTE)
+            dc = self._rng.uniform(*DC_KWH_PER_MINUTE) * share_of_minute
             ac[vehicle.meter_id] += dc / (1 - self.loss[vehicle.meter_id])
             body = {
                 "vehicleId": vehicle.vehicle_id,

@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="bearer key of the ingest role")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--prefix", default="", help="put before every device id")
+    parser.add_argument(
+        "--live",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then go on live: a heartbeat of every device every SECONDS, stamped with the "
+        "moment it is sent, until Ctrl-C (or --rounds)",
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="live heartbeats to send (0: no end)")
 
 
 def messages(args: argparse.Namespace, fleet: Fleet) -> list[Message]:
@@ -174,3 +183,44 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         sent = publish_http(args, items)
     elapsed = time.perf_counter() - started
     log.info("sent %d messages in %.1f s (%.0f messages/s)", sent, elapsed, sent / elapsed)
+    if args.live > 0:
+        go_live(args, settings, fleet)
+
+
+def go_live(args: argparse.Namespace, settings: Settings, fleet: Fleet) -> None:
+    """A heartbeat of every device every `--live` seconds, stamped now; a share of them
+    sent twice, as redeliveries are."""
+    rng = random.Random(args.seed + 1)
+    endpoint = MqttEndpoint(settings.mqtt_url or "mqtt://127.0.0.1:1883")
+    publisher = None
+    if args.transport == "mqtt":
+        publisher = RawPublisher(
+            endpoint.host,
+            endpoint.port,
+            client_id=f"simulator-live-{time.time_ns()}",
+            username=endpoint.username,
+            password=endpoint.password,
+        )
+    log.info(
+        "live: a heartbeat of %d devices every %.1f s",
+        len(fleet.meters) + len(fleet.vehicles),
+        args.live,
+    )
+    rounds = 0
+    try:
+        while not args.rounds or rounds < args.rounds:
+            started = time.monotonic()
+            beat = fleet.minute(datetime.now(UTC), share_of_minute=args.live / 60)
+            beat += [m for m in beat if rng.random() < args.duplicate_share]
+            if publisher is not None:
+                publisher.publish_many(beat, qos=args.qos)
+            else:
+                publish_http(args, as_arrays(beat, args.array))
+            rounds += 1
+            time.sleep(max(0.0, args.live - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if publisher is not None:
+            publisher.close()
+    log.info("live: %d heartbeats sent", rounds)
