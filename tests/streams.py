@@ -73,8 +73,14 @@ async def tally(
     url: str, prefix: str, messages: list[tuple[str, bytes, float]]
 ) -> dict[str, float]:
     """What a stream left behind, for the reliability report: sent, stored, lost, stored
-    twice (the history's key forbids it; the energy sum would show it), energy off by."""
+    twice (the history's key forbids it; the energy sum would show it), energy off by; and
+    checks that the hourly roll-ups of these meters count every stored reading once."""
     n, kwh = await stored(url, prefix)
+    conn = await asyncpg.connect(url)
+    try:
+        await assert_rollups_match_history(conn, [f"{prefix}-{m:03d}" for m in range(METERS)], [])
+    finally:
+        await conn.close()
     sent_kwh = sum(k for _, _, k in messages)
     return {
         "sent": len(messages),
@@ -83,3 +89,30 @@ async def tally(
         "energy_kwh_sent": round(sent_kwh, 6),
         "energy_kwh_off_by": round(kwh - sent_kwh, 9),
     }
+
+
+ROLLUPS_AGAINST_HISTORY = """
+WITH raw AS (
+    SELECT {id} AS id, date_trunc('hour', ts, 'UTC') AS hour, sum({kwh}) AS kwh, count(*) AS n
+    FROM {history} WHERE ($1::text[] IS NULL OR {id} = ANY($1)) GROUP BY 1, 2
+), rolled AS (
+    SELECT {id} AS id, hour, {kwh} AS kwh, readings AS n
+    FROM {hourly} WHERE ($1::text[] IS NULL OR {id} = ANY($1))
+)
+SELECT count(*) FROM raw FULL JOIN rolled USING (id, hour)
+WHERE raw.n IS DISTINCT FROM rolled.n
+   OR abs(coalesce(raw.kwh, 0) - coalesce(rolled.kwh, 0)) > 1e-6"""
+
+
+async def assert_rollups_match_history(
+    conn: asyncpg.Connection, meters: list[str] | None = None, vehicles: list[str] | None = None
+) -> None:
+    """Every stored reading counted exactly once in its device's hour: no hour of the roll-ups
+    (of these devices, or of all) differs from the history summed again."""
+    for history, hourly, column, kwh, devices in (
+        ("meter_readings", "meter_hourly", "meter_id", "kwh_consumed_ac", meters),
+        ("vehicle_readings", "vehicle_hourly", "vehicle_id", "kwh_delivered_dc", vehicles),
+    ):
+        sql = ROLLUPS_AGAINST_HISTORY.format(id=column, kwh=kwh, history=history, hourly=hourly)
+        differing = await conn.fetchval(sql, devices)
+        assert differing == 0, f"{hourly}: {differing} hours differ from {history}"
