@@ -22,7 +22,7 @@ KWH_DECIMALS = 6
 RATIO_DECIMALS = 4
 
 
-def _instant(raw: str, name: str) -> datetime:
+def instant(raw: str, name: str) -> datetime:
     # A '+' of an offset arrives as a space when the client did not URL-encode it.
     text = raw.strip().replace(" ", "+")
     try:
@@ -45,8 +45,8 @@ def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]
     default = timedelta(hours=settings.analytics_default_window_h)
     raw_start = request.query_params.get("startTime")
     raw_end = request.query_params.get("endTime")
-    end = _instant(raw_end, "endTime") if raw_end else None
-    start = _instant(raw_start, "startTime") if raw_start else None
+    end = instant(raw_end, "endTime") if raw_end else None
+    start = instant(raw_start, "startTime") if raw_start else None
     now = datetime.now(UTC)
     if end is None:  # (start + default only while it stays before now: no overflow)
         end = start + default if start is not None and start <= now - default else now

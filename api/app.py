@@ -1,5 +1,5 @@
 """The Starlette application: routes from the table in `api.openapi`, the OpenAPI document,
-offline API docs, and errors that always answer JSON.
+offline API docs, the operators' dashboard, and errors that always answer JSON.
 
 Readings POSTed to the ingestion routes (the hot path: firmware posting one reading at a
 time) go straight to their handler, past Starlette's middleware stack and router; profiled
@@ -34,6 +34,20 @@ DOCS_PAGE = """<!doctype html>
 <body><div id="swagger-ui"></div>
 <script src="/static/swagger-ui/swagger-ui-bundle.js"></script>
 <script src="/static/docs.js"></script></body></html>"""
+
+
+DASHBOARD = (STATIC / "dashboard" / "index.html").read_bytes()
+# The dashboard loads nothing but this daemon's own scripts, styles and JSON; device text is
+# only ever put in as text, and the policy would stop a script that got in all the same.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 async def _api_error(request: Request, exc: Exception) -> JSON:
@@ -93,10 +107,14 @@ def create_app(runtime: Runtime) -> App:
     async def docs(request: Request) -> HTMLResponse:
         return HTMLResponse(DOCS_PAGE)
 
+    async def dashboard(request: Request) -> HTMLResponse:
+        return HTMLResponse(DASHBOARD, headers=PAGE_HEADERS)
+
     routes: list[Route | Mount] = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
     routes += [
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
+        Route("/", dashboard, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(

@@ -15,6 +15,15 @@ def problem(field: str, message: str) -> dict[str, str]:
     return {"field": field, "message": message}
 
 
+def limit_param(raw: str | None, *, default: int, maximum: int, name: str = "limit") -> int:
+    """A page size from the query string: an integer from 1 to `maximum`, else 400."""
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or not 1 <= int(raw) <= maximum:
+        raise ApiError(400, [problem(name, f"must be an integer from 1 to {maximum}")])
+    return int(raw)
+
+
 @dataclass(frozen=True, slots=True)
 class JsonBody:
     raw: bytes  # as received: what a rejection record keeps

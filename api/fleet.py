@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from api.analytics import figures, pieces_of, window_of
 from api.auth import require
-from api.body import problem
+from api.body import limit_param, problem
 from api.database import connection
 from api.responses import JSON, ApiError
 from api.state import runtime_of
@@ -51,14 +51,6 @@ def sort_key(row: dict[str, Any]) -> SortKey:
 
 def _bad(field: str, message: str) -> ApiError:
     return ApiError(400, [problem(field, message)])
-
-
-def _limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise _bad("limit", f"must be an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
 
 
 def _flag(raw: str | None) -> bool:
@@ -107,7 +99,7 @@ def _wants_csv(request: Request) -> bool:
 async def fleet(request: Request) -> Response:
     runtime = runtime_of(request)
     query = request.query_params
-    limit = _limit(query.get("limit"))
+    limit = limit_param(query.get("limit"), default=DEFAULT_LIMIT, maximum=MAX_LIMIT)
     as_csv = _wants_csv(request)
     after: SortKey | None = None
     if query.get("cursor"):

@@ -1,4 +1,4 @@
-"""Linking a vehicle to the meter it charges on (SPEC §4, §5)."""
+"""Linking a vehicle to the meter it charges on (SPEC §4, §5), and the sessions so made."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from api.analytics import instant
 from api.auth import require
-from api.body import problem, read_json
+from api.body import limit_param, problem, read_json
 from api.database import connection
 from api.responses import JSON, ApiError
 from api.schemas import LinkRequest
 from api.state import runtime_of
-from db.sessions import SessionRow, link
+from daemon.readings import is_device_id
+from db.sessions import SessionRow, link, sessions_of
+
+SESSIONS_DEFAULT_LIMIT = 50
+SESSIONS_MAX_LIMIT = 1000
 
 
 def _session(row: SessionRow) -> dict[str, Any]:
@@ -52,3 +57,26 @@ async def link_vehicle(request: Request) -> JSON:
         },
         status_code=201 if result.changed else 200,
     )
+
+
+@require("operator")
+async def list_links(request: Request) -> JSON:
+    """One vehicle's or one meter's sessions, the newest first."""
+    query = request.query_params
+    vehicle_id, meter_id = query.get("vehicleId"), query.get("meterId")
+    if (vehicle_id is None) == (meter_id is None):
+        raise ApiError(400, [problem("vehicleId", "give vehicleId or meterId (one of them)")])
+    limit = limit_param(
+        query.get("limit"), default=SESSIONS_DEFAULT_LIMIT, maximum=SESSIONS_MAX_LIMIT
+    )
+    raw_before = query.get("startedBefore")
+    before = instant(raw_before, "startedBefore") if raw_before else None
+    device = vehicle_id if vehicle_id is not None else meter_id
+    if device is None or not is_device_id(device):  # never stored: nothing to list
+        return JSON({"links": [], "next": None})
+    async with connection(runtime_of(request)) as conn:
+        rows = await sessions_of(
+            conn, vehicle_id=vehicle_id, meter_id=meter_id, started_before=before, limit=limit
+        )
+    items = [_session(row) for row in rows]
+    return JSON({"links": items, "next": items[-1]["startedAt"] if len(rows) == limit else None})

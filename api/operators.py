@@ -1,4 +1,5 @@
-"""Operator routes: health, latest status (hot store), recent rejections."""
+"""Operator routes: health, the fleet's overview, latest status (hot store), recent
+rejections."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ HEALTH_DB_TIMEOUT_S = 2.0
 REJECTIONS_DEFAULT_LIMIT = 100
 REJECTIONS_MAX_LIMIT = 1000
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
+SEEN_WINDOW_S = 300
+REJECTIONS_WINDOW_S = 3600
+REJECTIONS_COUNTED_MAX = 100_000
 
 # Column names in the hot tables → the JSON names of SPEC §2.
 _JSON_NAMES = {
@@ -38,12 +42,17 @@ _JSON_NAMES = {
 
 
 async def health(request: Request) -> JSON:
-    runtime = runtime_of(request)
+    body = await _state(runtime_of(request))
+    return JSON(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+async def _state(runtime: Runtime) -> dict[str, Any]:
+    """Readiness in parts, each with the reason when it is not ok."""
     database = _writes_check(runtime) or await _database_check(runtime)
     broker = runtime.broker_status()
     upkeep = runtime.upkeep_status()
     ready = database["ok"] and broker.ready and upkeep.ok
-    body = {
+    return {
         "status": "ok" if ready else "unavailable",
         "database": database,
         "broker": {"ok": broker.ready, "detail": broker.detail},
@@ -54,7 +63,48 @@ async def health(request: Request) -> JSON:
         },
         "auth": "api keys required" if runtime.settings.api_keys else OPEN_NOTICE,
     }
-    return JSON(body, status_code=200 if ready else 503)
+
+
+@require("operator")
+async def overview(request: Request) -> JSON:
+    """The dashboard's summary: /health's parts, this daemon's rate, and the fleet's counts
+    from the database (null, with the reason in `database`, while it is unreachable)."""
+    runtime = runtime_of(request)
+    body = await _state(runtime)
+    counts: dict[str, Any] = {"at": datetime.now(UTC), "meters": None, "vehicles": None}
+    counts["rejections"] = None
+    if body["database"]["ok"]:
+        try:
+            async with asyncio.timeout(HEALTH_DB_TIMEOUT_S):
+                async with runtime.pool.acquire() as conn:
+                    counts = await reads.overview(
+                        conn,
+                        seen_s=SEEN_WINDOW_S,
+                        rejections_s=REJECTIONS_WINDOW_S,
+                        rejections_max=REJECTIONS_COUNTED_MAX,
+                    )
+        except Exception as error:  # the rest of the overview still answers
+            body["database"] = {"ok": False, "detail": f"{error.__class__.__name__}: {error}"}
+    body.update(
+        at=counts["at"],
+        devicesSeen={
+            "windowSeconds": SEEN_WINDOW_S,
+            "meters": counts["meters"],
+            "vehicles": counts["vehicles"],
+        },
+        rejections={
+            "windowSeconds": REJECTIONS_WINDOW_S,
+            "count": counts["rejections"],
+            "atLeast": counts["rejections"] == REJECTIONS_COUNTED_MAX,
+        },
+        storedPerSecond={
+            "windowSeconds": runtime.writer.metrics.stored_rate.span_s,
+            "value": round(runtime.writer.metrics.stored_rate.per_second(), 1),
+            "scope": "this daemon",
+        },
+        alertThreshold=runtime.settings.alert_efficiency_threshold,
+    )
+    return JSON(body)
 
 
 def _writes_check(runtime: Runtime) -> dict[str, Any] | None:

@@ -150,6 +150,37 @@ class Health(_Body):
     auth: str
 
 
+class DevicesSeen(_Body):
+    window_seconds: int = Field(alias="windowSeconds")
+    meters: int | None = Field(description="meters whose newest reading arrived in the window")
+    vehicles: int | None
+
+
+class RecentRejections(_Body):
+    window_seconds: int = Field(alias="windowSeconds")
+    count: int | None
+    at_least: bool = Field(alias="atLeast", description="true: counted up to a bound, maybe more")
+
+
+class Rate(_Body):
+    window_seconds: int = Field(alias="windowSeconds")
+    value: float = Field(description="new readings committed per second over the window")
+    scope: str
+
+
+class Overview(Health):
+    at: datetime
+    devices_seen: DevicesSeen = Field(alias="devicesSeen")
+    rejections: RecentRejections
+    stored_per_second: Rate = Field(alias="storedPerSecond")
+    alert_threshold: float = Field(alias="alertThreshold")
+
+
+class LinkPage(_Body):
+    links: list[Session] = Field(description="newest first")
+    next: datetime | None = Field(description="pass as `startedBefore` for older sessions")
+
+
 class FleetVehicle(_Body):
     vehicle_id: str = Field(alias="vehicleId")
     total_ac_consumed_kwh: float = Field(alias="totalAcConsumedKwh")

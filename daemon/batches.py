@@ -111,6 +111,9 @@ def settle(submissions: Sequence[Submission], stored: dict[str, Stored], metrics
     metrics.lag_seconds.observe_many("receive", receive_lags)
     for (outcome, stream, transport), n in counts.items():
         metrics.readings.labels(outcome, stream, transport).inc(n)
+    metrics.stored_rate.add(
+        sum(n for (outcome, _, _), n in counts.items() if outcome == "accepted")
+    )
 
 
 def notify(submission: Submission, outcome: Outcome) -> None:

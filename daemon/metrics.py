@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -104,6 +106,34 @@ class _HttpConnections(Collector):
             "HTTP connections closed (408) for sending a request's headers or body too slowly",
             self._limits.timed_out,
         )
+
+
+class RecentRate:
+    """Events per second over the last `span_s` whole seconds (the second under way is not
+    counted yet): the dashboard's "readings per second now". Prometheus users take the
+    rate of the counters instead."""
+
+    def __init__(self, span_s: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
+        self.span_s = span_s
+        self._clock = clock
+        self._slots: deque[list[int]] = deque()  # [second, events], oldest first
+
+    def add(self, events: int) -> None:
+        second = int(self._clock())
+        if self._slots and self._slots[-1][0] == second:
+            self._slots[-1][1] += events
+        else:
+            self._slots.append([second, events])
+        self._forget(second)
+
+    def per_second(self) -> float:
+        now = int(self._clock())
+        self._forget(now)
+        return sum(n for second, n in self._slots if second < now) / self.span_s
+
+    def _forget(self, now: int) -> None:
+        while self._slots and self._slots[0][0] < now - self.span_s:
+            self._slots.popleft()
 
 
 class Metrics:
@@ -210,6 +240,7 @@ class Metrics:
             registry=r,
         )
         self.database_up.set(1)
+        self.stored_rate = RecentRate()  # new readings committed, per second
 
     def watch_http(self, limits: HttpCounts) -> None:
         """The HTTP server's connection counts, read when scraped."""

@@ -1,4 +1,5 @@
-"""Reads for the operator routes: latest state (hot store) and recent rejections."""
+"""Reads for the operator routes: latest state (hot store), recent rejections, and the
+fleet's counts for the dashboard."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from db.tables import REJECTIONS, STREAMS
+from db.tables import METER, REJECTIONS, STREAMS, VEHICLE
 
 _LATEST_SQL = {
     name: f"SELECT {', '.join(t.columns)} FROM {t.latest} WHERE {t.id_column} = $1"
@@ -20,6 +21,26 @@ FROM {REJECTIONS}
 WHERE ($1::text IS NULL OR source = $1) AND ($2::bigint IS NULL OR id < $2)
 ORDER BY id DESC
 LIMIT $3"""
+
+
+# Devices whose newest reading arrived lately (the hot tables have no index on received_at,
+# on purpose: it would end their HOT updates; a scan of one row per device is cheap), and
+# the rejections of the last hour, counted up to a bound.
+OVERVIEW = f"""
+SELECT now() AS at,
+    (SELECT count(*) FROM {METER.latest}
+     WHERE received_at > now() - make_interval(secs => $1)) AS meters,
+    (SELECT count(*) FROM {VEHICLE.latest}
+     WHERE received_at > now() - make_interval(secs => $1)) AS vehicles,
+    (SELECT count(*) FROM (
+        SELECT FROM {REJECTIONS} WHERE received_at > now() - make_interval(secs => $2) LIMIT $3
+     ) recent) AS rejections"""
+
+
+async def overview(
+    conn: asyncpg.Connection, *, seen_s: float, rejections_s: float, rejections_max: int
+) -> dict[str, Any]:
+    return dict(await conn.fetchrow(OVERVIEW, seen_s, rejections_s, rejections_max))
 
 
 async def latest_state(

@@ -70,3 +70,24 @@ async def link(conn: asyncpg.Connection, *, schema: str, vehicle_id: str, meter_
             previous = _row(await conn.fetchrow(END_SESSION, vehicle_id, instant))
         started = _row(await conn.fetchrow(START_SESSION, vehicle_id, meter_id, instant))
         return Link(changed=True, session=started, previous=previous)
+
+
+SESSIONS_OF = f"""
+SELECT vehicle_id, meter_id, started_at, ended_at FROM {SESSIONS}
+WHERE ($1::text IS NULL OR vehicle_id = $1) AND ($2::text IS NULL OR meter_id = $2)
+  AND ($3::timestamptz IS NULL OR started_at < $3)
+ORDER BY started_at DESC
+LIMIT $4"""
+
+
+async def sessions_of(
+    conn: asyncpg.Connection,
+    *,
+    vehicle_id: str | None,
+    meter_id: str | None,
+    started_before: datetime | None,
+    limit: int,
+) -> list[SessionRow]:
+    """A vehicle's (or a meter's) sessions, the newest first."""
+    records = await conn.fetch(SESSIONS_OF, vehicle_id, meter_id, started_before, limit)
+    return [_row(r) for r in records]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make run` / `make test` need from the system and cannot get from PyPI:
-# PostgreSQL server binaries and Mosquitto (plus its clients, for trying things by hand).
+# PostgreSQL server binaries and Mosquitto (plus its clients, for trying things by hand);
+# for `make test` also PgBouncer and Chromium, for `make bench` wrk.
 # Skips what is present, and what DATABASE_URL / MQTT_URL make unnecessary.
 set -euo pipefail
 
@@ -20,6 +21,10 @@ fi
 # `make test` also needs PgBouncer (the transaction-pooler tests).
 if [ "${TESTS:-}" = 1 ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
     need+=(pgbouncer)
+fi
+# ... and Chromium (the dashboard's browser test drives it headless).
+if [ "${TESTS:-}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    need+=(chromium)
 fi
 # `make bench` also needs wrk, the HTTP load generator.
 if [ "${BENCH:-}" = 1 ] && ! command -v wrk >/dev/null 2>&1; then

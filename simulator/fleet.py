@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
@@ -81,6 +81,23 @@ class Fleet:
             }
             out.append((f"meters/{meter}/telemetry", orjson.dumps(body)))
         return out
+
+
+def spoiled(message: tuple[str, bytes], rng: random.Random) -> tuple[str, bytes]:
+    """The message as a faulty device might send it: cut short, with a negative energy, or
+    dated a day ahead. The daemon rejects each, with its reason, and stores the rest."""
+    topic, payload = message
+    body = orjson.loads(payload)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return topic, payload[: len(payload) // 2]
+    if kind == 1:
+        field = "kwhConsumedAc" if "meterId" in body else "kwhDeliveredDc"
+        body[field] = -abs(body[field]) - 1
+    else:
+        ahead = datetime.fromisoformat(body["timestamp"]) + timedelta(days=1)
+        body["timestamp"] = iso_ms(ahead)
+    return topic, orjson.dumps(body)
 
 
 def as_arrays(messages: list[tuple[str, bytes]], size: int) -> list[tuple[str, bytes]]:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 
 from daemon.config import MqttEndpoint, Settings
-from simulator.fleet import Fleet, as_arrays
+from simulator.fleet import Fleet, as_arrays, spoiled
 from simulator.publisher import RawPublisher
 
 log = logging.getLogger("energy-ingest.simulate")
@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "moment it is sent, until Ctrl-C (or --rounds)",
     )
     parser.add_argument("--rounds", type=int, default=0, help="live heartbeats to send (0: no end)")
+    parser.add_argument(
+        "--bad-share",
+        type=float,
+        default=0.0,
+        help="live: this share of heartbeats also sent spoiled (cut short, negative energy, "
+        "a day ahead), for the rejections page",
+    )
 
 
 def messages(args: argparse.Namespace, fleet: Fleet) -> list[Message]:
@@ -158,6 +165,7 @@ def link(args: argparse.Namespace, fleet: Fleet) -> None:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per link
     fleet = Fleet(
         meters=args.meters,
         vehicles=args.vehicles,
@@ -212,10 +220,11 @@ def go_live(args: argparse.Namespace, settings: Settings, fleet: Fleet) -> None:
             started = time.monotonic()
             beat = fleet.minute(datetime.now(UTC), share_of_minute=args.live / 60)
             beat += [m for m in beat if rng.random() < args.duplicate_share]
+            bad = [spoiled(m, rng) for m in beat if rng.random() < args.bad_share]
             if publisher is not None:
-                publisher.publish_many(beat, qos=args.qos)
-            else:
-                publish_http(args, as_arrays(beat, args.array))
+                publisher.publish_many(beat + bad, qos=args.qos)
+            else:  # (each spoiled reading alone, so that it spoils no batch)
+                publish_http(args, as_arrays(beat, args.array) + bad)
             rounds += 1
             time.sleep(max(0.0, args.live - (time.monotonic() - started)))
     except KeyboardInterrupt:

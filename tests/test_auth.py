@@ -54,14 +54,19 @@ def test_ingestion_needs_an_ingest_key(
 def test_operator_routes_need_an_operator_key(
     secured: DaemonProcess, key: str | None, status: int
 ) -> None:
-    for path in ("/v1/status/meter/nobody", "/v1/analytics/performance/nobody"):
+    for path in (
+        "/v1/status/meter/nobody",
+        "/v1/analytics/performance/nobody",
+        "/v1/analytics/performance/nobody/series",
+    ):
         assert request(secured, "GET", path, key).status_code == status
-    rejections = request(secured, "GET", "/v1/rejections", key)
-    assert rejections.status_code == (200 if status == 404 else status)
+    for path in ("/v1/rejections", "/v1/overview", "/v1/analytics/fleet", "/v1/links?vehicleId=x"):
+        response = request(secured, "GET", path, key)
+        assert response.status_code == (200 if status == 404 else status), path
 
 
 def test_health_metrics_and_docs_stay_open(secured: DaemonProcess) -> None:
-    for path in ("/health", "/metrics", "/openapi.json", "/docs"):
+    for path in ("/health", "/metrics", "/openapi.json", "/docs", "/", "/static/uplot/LICENSE"):
         assert request(secured, "GET", path, None).status_code == 200, path
     assert secured.get("/health").json()["auth"] == "api keys required"
     document = secured.get("/openapi.json").json()
