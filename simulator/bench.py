@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from simulator.bench_analytics import analytics
+from simulator.bench_fleet import fleet, series
 from simulator.bench_http import http
 from simulator.bench_mqtt import drain, live
 from simulator.benchkit import Result, services
@@ -16,10 +17,12 @@ SCENARIOS = (
     "http-single",
     "http-batch",
     "analytics",
+    "fleet",
+    "series",
 )
 
 # Runs of these scenarios differ by one parameter: medians are taken per value.
-GROUP_BY = {"mqtt-live": "multiple", "analytics": "days"}
+GROUP_BY = {"mqtt-live": "multiple", "analytics": "days", "fleet": "case"}
 
 HTTP_KEYS = [
     "requests_per_s",
@@ -47,6 +50,8 @@ SUMMARY_KEYS = {
     "http-single": HTTP_KEYS,
     "http-batch": ["readings_per_s", *HTTP_KEYS],
     "analytics": ["p50_ms", "p99_ms", "requests_per_s"],
+    "fleet": ["p50_ms", "p99_ms", "requests_per_s"],
+    "series": ["p50_ms", "p99_ms", "requests_per_s"],
 }
 
 
@@ -77,6 +82,25 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
                 batch=500 if name == "http-batch" else 0,
                 seconds=5 if short else 20,
                 connections=args.connections,
+                runs=args.runs,
+            )
+        if name == "fleet":
+            return fleet(
+                svc,
+                devices=1000 if short else 10_000,
+                step_min=1,
+                growth_days=[1, 7 if short else 30],
+                growth_step_min=15,
+                seconds=3 if short else 20,
+                runs=args.runs,
+            )
+        if name == "series":
+            return series(
+                svc,
+                devices=50 if short else 200,
+                days=7 if short else 30,
+                step_min=1,
+                seconds=3 if short else 10,
                 runs=args.runs,
             )
         return analytics(

@@ -82,7 +82,7 @@ async def reset(dsn: str) -> None:
     try:
         await conn.execute(
             "TRUNCATE meter_readings, vehicle_readings, meter_latest, vehicle_latest, "
-            "charging_sessions, rejections"
+            "meter_hourly, vehicle_hourly, charging_sessions, rejections"
         )
         await conn.execute("CHECKPOINT")
     finally:

@@ -269,6 +269,10 @@ async def test_the_dashboard_shows_the_faulty_chargers_their_charts_and_the_reje
     assert await page.evaluate("document.body.dataset.pwned") is None
     await page.screenshot(path=ARTIFACTS / "rejections.png", full_page=True)
 
+    # A vehicle nobody knows, by a hand-typed address (with a stray %).
+    await page.goto(base + "/#/vehicle/NO-SUCH-%E0%A4")
+    await expect(page.locator("#figures")).to_contain_text("Unknown vehicle")
+
     # On a phone.
     phone = watched.watch(await context.new_page())
     await phone.set_viewport_size({"width": 390, "height": 844})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import re
 import subprocess
 import sys
@@ -87,3 +88,19 @@ for package in {SHIPPED!r}:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_every_file_the_pages_load_ships_with_the_package() -> None:
+    """The dashboard and the API docs work offline only if the wheel carries their files:
+    each file under api/static/ must be matched by a package-data pattern."""
+    api = REPO / "api"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["api"]
+    shipped = {path for pattern in patterns for path in glob.glob(pattern, root_dir=api)}
+    present = {str(path.relative_to(api)) for path in (api / "static").rglob("*") if path.is_file()}
+    assert present - shipped == set()
+    page = (api / "static" / "dashboard" / "index.html").read_text()
+    for asset in re.findall(r'(?:src|href)="/(static/[^"]+)"', page):
+        assert asset in shipped, asset
+    assert "static/uplot/LICENSE" in shipped

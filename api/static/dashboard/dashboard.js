@@ -207,7 +207,15 @@ function route() {
   }
   const main = document.getElementById("view");
   main.replaceChildren();
-  if (view.name === "vehicle" && rest.length) return vehicleView(view, main, decodeURIComponent(rest.join("/")));
+  if (view.name === "vehicle" && rest.length) {
+    let id = rest.join("/");
+    try {
+      id = decodeURIComponent(id);
+    } catch {
+      // a hand-typed address with a stray %: show it as it is
+    }
+    return vehicleView(view, main, id);
+  }
   if (view.name === "rejections") return rejectionsView(view, main);
   return fleetView(view, main);
 }
@@ -361,12 +369,20 @@ function vehicleView(view, main, vehicleId) {
     const end = new Date(now());
     const start = new Date(end.getTime() - range.hours * 3600 * 1000);
     const span = { startTime: start.toISOString(), endTime: end.toISOString() };
-    const [performance, series, status, links] = await Promise.all([
-      api(`/v1/analytics/performance/${id}?` + query(span)),
-      api(`/v1/analytics/performance/${id}/series?` + query({ ...span, bucket: range.bucket })),
-      api(`/v1/status/vehicle/${id}`).catch((error) => (error.status === 404 ? null : Promise.reject(error))),
-      api("/v1/links?" + query({ vehicleId, limit: 20 })),
-    ]);
+    let answers;
+    try {
+      answers = await Promise.all([
+        api(`/v1/analytics/performance/${id}?` + query(span)),
+        api(`/v1/analytics/performance/${id}/series?` + query({ ...span, bucket: range.bucket })),
+        api(`/v1/status/vehicle/${id}`).catch((error) => (error.status === 404 ? null : Promise.reject(error))),
+        api("/v1/links?" + query({ vehicleId, limit: 20 })),
+      ]);
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      figures.replaceChildren(card("Unknown vehicle", "—", error.message.replace(/^404: /, ""), "bad"));
+      return;
+    }
+    const [performance, series, status, links] = answers;
     const meterIds = [...new Set([...performance.meters.map((m) => m.meterId), ...links.links.slice(0, 1).map((l) => l.meterId)])];
     const meterStatus = await Promise.all(
       meterIds.map((m) => api("/v1/status/meter/" + encodeURIComponent(m)).catch((error) => (error.status === 404 ? null : Promise.reject(error)))),
