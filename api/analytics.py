@@ -70,10 +70,16 @@ def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]
     return start, end
 
 
+def ratio_of(v: analytics.VehicleWindow) -> float | None:
+    """DC ÷ AC as the routes give it; None without AC energy."""
+    ac = v.ac_kwh
+    return round(v.dc_kwh / ac, RATIO_DECIMALS) if ac > 0 else None
+
+
 def figures(v: analytics.VehicleWindow, threshold: float) -> dict[str, Any]:
     """A vehicle's figures, as the per-vehicle route and each row of the fleet give them."""
     ac = v.ac_kwh
-    ratio = round(v.dc_kwh / ac, RATIO_DECIMALS) if ac > 0 else None
+    ratio = ratio_of(v)
     temp = v.avg_battery_temp
     return {
         "vehicleId": v.vehicle_id,

@@ -34,6 +34,18 @@ CLAMP = "1e300"
 FIRST_PIECE_PARAM = 3
 
 
+async def read(conn: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """An analytics statement, without JIT compilation. PostgreSQL compiles a statement to
+    machine code when its estimated cost passes `jit_above_cost`; the fleet's statement
+    passes it and then spent 50-150 ms of a 200 ms answer compiling (BENCHMARKS.md, fleet).
+    SET LOCAL ends with the transaction: nothing stays on the connection, through a
+    transaction pooler too."""
+    async with conn.transaction(readonly=True):
+        await conn.execute("SET LOCAL jit = off")
+        records: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return records
+
+
 def _ceil_hour(column: str) -> str:
     floor = f"date_trunc('hour', {column}, 'UTC')"
     return f"{floor} + CASE WHEN {floor} < {column} THEN interval '1 hour' ELSE interval '0' END"
@@ -174,33 +186,44 @@ def _energy(kwh: float, readings: int) -> float:
     return float(kwh) if readings else 0.0
 
 
+def _merged(meters: list[MeterTotal]) -> list[MeterTotal]:
+    """One line per meter, in id order (one meter can serve a vehicle in two sessions of
+    the window)."""
+    if len(meters) < 2:
+        return meters
+    merged: dict[str, MeterTotal] = {}
+    for m in meters:
+        seen = merged.get(m.meter_id)
+        merged[m.meter_id] = (
+            m
+            if seen is None
+            else MeterTotal(m.meter_id, seen.readings + m.readings, seen.ac_kwh + m.ac_kwh)
+        )
+    return [merged[m] for m in sorted(merged)]
+
+
 def _vehicles(records: list[asyncpg.Record]) -> list[VehicleWindow]:
-    """Rows of (vehicle, meter) gathered by vehicle, meters in id order."""
+    """Rows of (vehicle, meter) gathered by vehicle. (Run for every vehicle of a fleet on
+    every request: columns by position, one pass.)"""
     rows: dict[str, tuple[asyncpg.Record, list[MeterTotal]]] = {}
     for record in records:
-        _, meters = rows.setdefault(record["vehicle_id"], (record, []))
-        if record["meter_id"] is not None:
-            n = int(record["meter_readings"])
-            meters.append(MeterTotal(record["meter_id"], n, _energy(record["ac_kwh"], n)))
+        vehicle_id, _, _, _, meter_id, ac_kwh, meter_readings = record
+        found = rows.get(vehicle_id)
+        if found is None:
+            found = rows[vehicle_id] = (record, [])
+        if meter_id is not None:
+            n = int(meter_readings)
+            found[1].append(MeterTotal(meter_id, n, _energy(ac_kwh, n)))
     vehicles = []
     for vehicle_id, (record, meters) in rows.items():
-        readings = int(record["vehicle_readings"])
-        # (One meter can serve a vehicle in two sessions of the window: one line for it.)
-        merged: dict[str, MeterTotal] = {}
-        for m in meters:
-            seen = merged.get(m.meter_id)
-            merged[m.meter_id] = (
-                m
-                if seen is None
-                else MeterTotal(m.meter_id, seen.readings + m.readings, seen.ac_kwh + m.ac_kwh)
-            )
+        readings = int(record[2])
         vehicles.append(
             VehicleWindow(
                 vehicle_id,
-                _energy(record["dc_kwh"], readings),
+                _energy(record[1], readings),
                 readings,
-                record["battery_temp_sum"] if readings else None,
-                [merged[m] for m in sorted(merged)],
+                record[3] if readings else None,
+                _merged(meters),
             )
         )
     return vehicles
@@ -221,7 +244,7 @@ async def vehicle_window(
     if not await conn.fetchval(VEHICLE_KNOWN, vehicle_id):
         return None
     sql = _window_sql(window, one_vehicle=True)
-    found = _vehicles(await conn.fetch(sql, *_args(window, start, end), vehicle_id))
+    found = _vehicles(await read(conn, sql, *_args(window, start, end), vehicle_id))
     return found[0] if found else VehicleWindow(vehicle_id, 0.0, 0, None, [])
 
 
@@ -229,6 +252,6 @@ async def fleet_window(
     conn: asyncpg.Connection, window: list[Piece], start: datetime, end: datetime
 ) -> list[VehicleWindow]:
     """Every vehicle with readings in [start, end), of its own or of a meter linked to it."""
-    records = await conn.fetch(_window_sql(window, one_vehicle=False), *_args(window, start, end))
+    records = await read(conn, _window_sql(window, one_vehicle=False), *_args(window, start, end))
     vehicles = _vehicles(records)
     return [v for v in vehicles if v.vehicle_readings or any(m.readings for m in v.meters)]

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from db.analytics import CLAMP
+from db.analytics import CLAMP, read
 from db.tables import METER, SESSIONS, VEHICLE
 
 BUCKETS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
@@ -125,7 +125,7 @@ class Bucket:
 async def vehicle_series(
     conn: asyncpg.Connection, vehicle_id: str, start: datetime, end: datetime, bucket: str
 ) -> list[Bucket]:
-    rows = await conn.fetch(SERIES[bucket], vehicle_id, start, end, BUCKETS[bucket])
+    rows = await read(conn, SERIES[bucket], vehicle_id, start, end, BUCKETS[bucket])
     out = []
     for r in rows:
         vehicle_n = int(r["vehicle_readings"] or 0)
