@@ -9,6 +9,7 @@ import gc
 import logging
 import pwd
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import uvloop
@@ -19,7 +20,8 @@ from daemon.app import endpoints, prepare_database, serve
 from daemon.config import Settings
 from daemon.embedded import ServiceError
 from daemon.provision import BrokerFiles, ProvisionError, Role, provision
-from db.pool import WrongSchema
+from db.pool import WrongSchema, connect
+from db.rollup import rebuild
 
 
 def _settings() -> Settings:
@@ -36,6 +38,33 @@ async def _migrate(settings: Settings) -> None:
     async with endpoints(settings, broker=False) as urls:
         await prepare_database(settings, urls.database_url)
         logging.getLogger("energy-ingest").info("migrations applied, partitions in place")
+
+
+def _instant(raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not ISO 8601") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{raw!r} needs an offset (Z or +hh:mm)")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is outside the calendar in UTC") from None
+
+
+async def _rebuild_rollups(settings: Settings, start: datetime, end: datetime) -> None:
+    async with endpoints(settings, broker=False) as urls:
+        conn = await connect(
+            urls.database_url, schema=settings.db_schema, pooler=settings.db_pooler
+        )
+        try:
+            await rebuild(conn, start, end)
+        finally:
+            await conn.close()
+    logging.getLogger("energy-ingest").info(
+        "hourly roll-ups summed again from the history for %s to %s", start, end
+    )
 
 
 def _uid(owner: str | None) -> int | None:
@@ -115,6 +144,16 @@ def main(argv: list[str] | None = None) -> None:
         "after dropping root (1883 in the eclipse-mosquitto image); default: keep the owner",
     )
     provisioning.add_argument("--password", help="use this password instead of a random one")
+    rebuilding = commands.add_parser(
+        "rebuild-rollups",
+        help="sum the hourly roll-ups again from the history, after an import by SQL",
+        description="Analytics read whole hours from hourly roll-ups that the daemon keeps as "
+        "it stores readings. Readings written into the history by other means (COPY, "
+        "INSERT, a restore) are not in them until their hours are summed again: every hour "
+        "that [START, END) touches, every device, in one transaction.",
+    )
+    rebuilding.add_argument("start", type=_instant, help="ISO 8601 with an offset")
+    rebuilding.add_argument("end", type=_instant, help="ISO 8601 with an offset (exclusive)")
     commands.add_parser(
         "bench",
         help="run a benchmark (results in bench/results/, see BENCHMARKS.md)",
@@ -153,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit("energy-ingest: stopped because a part of the daemon failed (see above)")
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command == "rebuild-rollups":
+            if args.start >= args.end:
+                sys.exit("energy-ingest: START must come before END")
+            asyncio.run(_rebuild_rollups(settings, args.start, args.end))
     except (ServiceError, TlsFilesError, WrongSchema) as error:
         sys.exit(f"energy-ingest: {error}")
     except KeyboardInterrupt:

@@ -34,14 +34,26 @@ CLAMP = "1e300"
 FIRST_PIECE_PARAM = 3
 
 
-async def read(conn: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
-    """An analytics statement, without JIT compilation. PostgreSQL compiles a statement to
-    machine code when its estimated cost passes `jit_above_cost`; the fleet's statement
-    passes it and then spent 50-150 ms of a 200 ms answer compiling (BENCHMARKS.md, fleet).
-    SET LOCAL ends with the transaction: nothing stays on the connection, through a
-    transaction pooler too."""
+async def read(
+    conn: asyncpg.Connection, sql: str, *args: Any, generic: bool = False
+) -> list[asyncpg.Record]:
+    """An analytics statement in a read-only transaction of its own, with settings for it
+    alone (SET LOCAL ends with the transaction: nothing stays on the connection, through a
+    transaction pooler too):
+
+    - no JIT compilation: the fleet's statement passes `jit_above_cost` and spent 50-150 ms
+      of a 200 ms answer compiling itself (BENCHMARKS.md, fleet);
+    - `generic`, for one vehicle's statements: the prepared statement's generic plan, whose
+      partitions are pruned when it runs. PostgreSQL's own choice compares the generic plan's
+      cost, counted over *every* partition, with a plan made for the parameters, and so
+      planned again at every call once a month of partitions existed: 2.5 ms a call with 30
+      days stored against 0.4 ms with one (BENCHMARKS.md, analytics).
+    """
+    settings = "SET LOCAL jit = off"
+    if generic:
+        settings += "; SET LOCAL plan_cache_mode = force_generic_plan"
     async with conn.transaction(readonly=True):
-        await conn.execute("SET LOCAL jit = off")
+        await conn.execute(settings)
         records: list[asyncpg.Record] = await conn.fetch(sql, *args)
         return records
 
@@ -244,7 +256,7 @@ async def vehicle_window(
     if not await conn.fetchval(VEHICLE_KNOWN, vehicle_id):
         return None
     sql = _window_sql(window, one_vehicle=True)
-    found = _vehicles(await read(conn, sql, *_args(window, start, end), vehicle_id))
+    found = _vehicles(await read(conn, sql, *_args(window, start, end), vehicle_id, generic=True))
     return found[0] if found else VehicleWindow(vehicle_id, 0.0, 0, None, [])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -12,6 +13,7 @@ from daemon.embedded import EmbeddedPostgres
 from db.migrate import available_migrations, migrate
 from tests.conftest import fresh_database
 from tests.services import REPO
+from tests.streams import assert_rollups_match_history
 
 SPEC_TABLES = {
     "meter_readings": ["meter_id", "ts", "kwh_consumed_ac", "voltage", "received_at"],
@@ -123,3 +125,63 @@ async def test_latest_tables_leave_room_for_in_place_updates(conn: asyncpg.Conne
     for table in ("meter_latest", "vehicle_latest"):
         options = await conn.fetchval("SELECT reloptions FROM pg_class WHERE relname = $1", table)
         assert options == ["fillfactor=50"], table
+
+
+async def run_cli(url: str, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon",
+        *args,
+        cwd=REPO,
+        env={**os.environ, "DATABASE_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    return process.returncode or 0, output.decode()
+
+
+async def test_rebuild_rollups_counts_readings_imported_by_sql(postgres: EmbeddedPostgres) -> None:
+    """Readings written into the history by SQL are not in the roll-ups until their hours
+    are summed again with `energy-ingest rebuild-rollups`; hours outside the range stay."""
+    url = await fresh_database(postgres)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "INSERT INTO meter_readings (meter_id, ts, kwh_consumed_ac, voltage) "
+            "SELECT 'M-' || d, date_trunc('hour', now()) - interval '3 hours' + t * interval "
+            "'7 minutes', 0.5, 230 FROM generate_series(0, 30) t, generate_series(1, 3) d"
+        )
+        await conn.execute(
+            "INSERT INTO vehicle_readings (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp) "
+            "SELECT 'V-1', date_trunc('hour', now()) - interval '2 hours' + t * interval "
+            "'5 minutes', 50, 0.4, 20 FROM generate_series(0, 11) t"
+        )
+        assert await conn.fetchval("SELECT count(*) FROM meter_hourly") == 0
+        hour = await conn.fetchval("SELECT date_trunc('hour', now()) - interval '3 hours'")
+        start, end = hour.isoformat(), (hour + timedelta(hours=1)).isoformat()
+        code, output = await run_cli(url, "rebuild-rollups", start, end)
+        assert code == 0, output
+        # Only the hour asked for: 9 readings a meter (minutes 0, 7, ... 56) in 3 meters.
+        assert await conn.fetchval("SELECT sum(readings) FROM meter_hourly") == 27
+        assert await conn.fetchval("SELECT count(*) FROM vehicle_hourly") == 0
+        code, output = await run_cli(
+            url, "rebuild-rollups", "2000-01-01T00:00:00Z", datetime.now(UTC).isoformat()
+        )
+        assert code == 0, output
+        await assert_rollups_match_history(conn)
+    finally:
+        await conn.close()
+
+
+async def test_rebuild_rollups_refuses_what_is_not_a_range(postgres: EmbeddedPostgres) -> None:
+    url = await fresh_database(postgres)
+    for args, said in (
+        (("2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z"), "START must come before END"),
+        (("2026-01-01T00:00:00", "2026-01-02T00:00:00Z"), "needs an offset"),
+        (("yesterday", "2026-01-02T00:00:00Z"), "is not ISO 8601"),
+        (("0001-01-01T00:00:00+01:00", "2026-01-02T00:00:00Z"), "outside the calendar"),
+    ):
+        code, output = await run_cli(url, "rebuild-rollups", *args)
+        assert code != 0 and said in output, output
