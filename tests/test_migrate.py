@@ -39,12 +39,13 @@ SPEC_TABLES = {
 }
 
 
-async def run_migrate_command(url: str) -> tuple[int, str]:
+async def run_cli(url: str, *args: str) -> tuple[int, str]:
+    """`energy-ingest ARGS` in a process of its own, against the database at `url`."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "daemon",
-        "migrate",
+        *args,
         cwd=REPO,
         env={**os.environ, "DATABASE_URL": url},
         stdout=asyncio.subprocess.PIPE,
@@ -52,6 +53,10 @@ async def run_migrate_command(url: str) -> tuple[int, str]:
     )
     output, _ = await process.communicate()
     return process.returncode or 0, output.decode()
+
+
+async def run_migrate_command(url: str) -> tuple[int, str]:
+    return await run_cli(url, "migrate")
 
 
 async def test_two_migrate_processes_at_once_both_succeed(postgres: EmbeddedPostgres) -> None:
@@ -125,21 +130,6 @@ async def test_latest_tables_leave_room_for_in_place_updates(conn: asyncpg.Conne
     for table in ("meter_latest", "vehicle_latest"):
         options = await conn.fetchval("SELECT reloptions FROM pg_class WHERE relname = $1", table)
         assert options == ["fillfactor=50"], table
-
-
-async def run_cli(url: str, *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon",
-        *args,
-        cwd=REPO,
-        env={**os.environ, "DATABASE_URL": url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    return process.returncode or 0, output.decode()
 
 
 async def test_rebuild_rollups_counts_readings_imported_by_sql(postgres: EmbeddedPostgres) -> None:
