@@ -55,6 +55,12 @@ def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]
             start = end - default
         except OverflowError:  # a window reaching back before year 1
             raise ApiError(400, [problem("endTime", OUT_OF_CALENDAR)]) from None
+    check_window(start, end, settings)
+    return start, end
+
+
+def check_window(start: datetime, end: datetime, settings: Settings) -> None:
+    """The rules every analytics window keeps, however it came (parameters or a cursor)."""
     if start >= end:
         raise ApiError(400, [problem("startTime", "must be before endTime")])
     longest = timedelta(days=settings.analytics_max_window_days)
@@ -67,7 +73,6 @@ def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]
                 )
             ],
         )
-    return start, end
 
 
 def ratio_of(v: analytics.VehicleWindow) -> float | None:

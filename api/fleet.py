@@ -13,14 +13,14 @@ import base64
 import binascii
 import csv
 import io
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.analytics import figures, pieces_of, ratio_of, window_of
+from api.analytics import check_window, figures, pieces_of, ratio_of, window_of
 from api.auth import require
 from api.body import limit_param, problem
 from api.database import connection
@@ -76,11 +76,21 @@ def decode_cursor(raw: str) -> tuple[datetime, datetime, bool, SortKey]:
             or end.tzinfo is None
             or not isinstance(state["alert"], bool)
             or group not in (0, 1)
+            or isinstance(group, bool)
             or not isinstance(ratio, int | float)
+            or isinstance(ratio, bool)
             or not isinstance(vehicle, str)
         ):
             raise ValueError("cursor fields")
-    except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        start.astimezone(UTC), end.astimezone(UTC)  # (within the calendar once in UTC)
+    except (
+        binascii.Error,
+        orjson.JSONDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        OverflowError,
+    ):
         raise _bad("cursor", "not a cursor this route gave (use `next` as it came)") from None
     return start, end, state["alert"], (group, float(ratio), vehicle)
 
@@ -103,6 +113,10 @@ async def fleet(request: Request) -> Response:
     after: SortKey | None = None
     if query.get("cursor"):
         start, end, alert_only, after = decode_cursor(query["cursor"])
+        try:  # (a cursor this route gave keeps the rules; one made up must too)
+            check_window(start, end, runtime.settings)
+        except ApiError:
+            raise _bad("cursor", "not a cursor this route gave (use `next` as it came)") from None
     else:
         start, end = window_of(request, runtime.settings)
         alert_only = _flag(query.get("alert"))

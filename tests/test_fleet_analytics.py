@@ -7,6 +7,8 @@ place them in the past."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -18,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.config import Settings
 from tests.figures import independent
 from tests.helpers import iso
 from tests.services import DaemonProcess
@@ -324,3 +327,54 @@ def test_pages_sorts_filters_and_csv_say_the_same(daemon: DaemonProcess) -> None
         f"{daemon.base_url}/v1/analytics/fleet", params={"cursor": "garbage"}, timeout=10
     )
     assert bad.status_code == 400 and bad.json()["detail"][0]["field"] == "cursor"
+
+
+MAX_WINDOW_DAYS = Settings.model_fields["analytics_max_window_days"].default
+
+
+def _cursor(state: dict[str, Any]) -> str:
+    # (json, not orjson: a client's integers can pass 64 bits)
+    return base64.urlsafe_b64encode(json.dumps(state).encode()).decode().rstrip("=")
+
+
+moments = st.one_of(
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat()),
+    st.sampled_from(
+        ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00", "2026-01-01T00:00:00"]
+    ),
+    st.text(max_size=12),
+)
+json_values = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8)
+)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    start=moments,
+    end=moments,
+    alert=json_values,
+    after=st.lists(json_values, max_size=4),
+)
+def test_a_made_up_cursor_is_refused_in_words_or_keeps_the_window_rules(
+    daemon: DaemonProcess, start: str, end: str, alert: Any, after: list[Any]
+) -> None:
+    """A cursor is the client's to send back: whatever one holds, the answer is a page of
+    a window that keeps the rules of startTime/endTime (in the calendar, start before end, at
+    most ANALYTICS_MAX_WINDOW_DAYS), or 400 naming the cursor; never a 5xx."""
+    state = {"start": start, "end": end, "alert": alert, "after": after}
+    response = httpx.get(
+        f"{daemon.base_url}/v1/analytics/fleet", params={"cursor": _cursor(state)}, timeout=30
+    )
+    if response.status_code == 400:
+        assert response.json()["detail"][0]["field"] == "cursor"
+        return
+    assert response.status_code == 200, response.text
+    window = response.json()["window"]
+    first = datetime.fromisoformat(window["startTime"])
+    last = datetime.fromisoformat(window["endTime"])
+    assert first < last <= first + timedelta(days=MAX_WINDOW_DAYS)

@@ -193,11 +193,31 @@ GET_ROUTES = [
     "/v1/analytics/performance/{id}",
     "/v1/rejections",
     "/health",
+    "/v1/analytics/fleet",
+    "/v1/analytics/performance/{id}/series",
+    "/v1/overview",
+    "/v1/links",
+]
+PARAMETERS = [
+    "limit",
+    "before",
+    "source",
+    "startTime",
+    "endTime",
+    "x",
+    "cursor",
+    "alert",
+    "format",
+    "bucket",
+    "vehicleId",
+    "meterId",
+    "startedBefore",
 ]
 params = st.dictionaries(
-    st.sampled_from(["limit", "before", "source", "startTime", "endTime", "x"]),
+    st.sampled_from(PARAMETERS),
     st.one_of(
         st.text(max_size=40),
+        st.sampled_from(["true", "csv", "15m", "1d", "V-1", "eyJzdGFydCI6MX0", "0", ""]),
         st.integers(min_value=-(2**70), max_value=2**70).map(str),
         st.datetimes().map(lambda d: d.isoformat() + "+05:00"),
         st.sampled_from(["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00", "NaN"]),
@@ -207,7 +227,7 @@ params = st.dictionaries(
 
 
 @settings(
-    max_examples=150,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
