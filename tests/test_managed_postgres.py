@@ -96,6 +96,14 @@ async def readings_flow_through(daemon: DaemonProcess, mosquitto: EmbeddedMosqui
     assert stored.status_code == 201, stored.text
     analytics = httpx.get(f"{base}/v1/analytics/performance/{vehicle}", timeout=10)
     assert analytics.status_code == 200 and analytics.json()["readings"]["vehicle"] == 1
+    # (Each analytics read is a transaction of its own with SET LOCAL: it holds through a
+    # transaction pooler, and leaves nothing on the server connection.)
+    fleet = httpx.get(f"{base}/v1/analytics/fleet", params={"limit": 10_000}, timeout=10)
+    assert fleet.status_code == 200, fleet.text
+    assert vehicle in [v["vehicleId"] for v in fleet.json()["vehicles"]]
+    series = httpx.get(f"{base}/v1/analytics/performance/{vehicle}/series", timeout=10)
+    assert series.status_code == 200, series.text
+    assert sum(b["readings"]["vehicle"] for b in series.json()["series"]) == 1
     assert daemon.get("/health").status_code == 200
 
 
