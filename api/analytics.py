@@ -75,34 +75,40 @@ def check_window(start: datetime, end: datetime, settings: Settings) -> None:
         )
 
 
-def ratio_of(v: analytics.VehicleWindow) -> float | None:
-    """DC ÷ AC as the routes give it; None without AC energy."""
-    ac = v.ac_kwh
-    return round(v.dc_kwh / ac, RATIO_DECIMALS) if ac > 0 else None
+def ratio(dc_kwh: float, ac_kwh: float) -> float | None:
+    """DC ÷ AC as every analytics route gives it; None without AC energy."""
+    return round(dc_kwh / ac_kwh, RATIO_DECIMALS) if ac_kwh > 0 else None
+
+
+def kwh(value: float) -> float:
+    return round(value, KWH_DECIMALS) + 0.0  # (+ 0.0: never -0.0)
+
+
+def temperature(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
+
+
+def unknown_vehicle(vehicle_id: str) -> ApiError:
+    return ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
 
 
 def figures(v: analytics.VehicleWindow, threshold: float) -> dict[str, Any]:
     """A vehicle's figures, as the per-vehicle route and each row of the fleet give them."""
     ac = v.ac_kwh
-    ratio = ratio_of(v)
-    temp = v.avg_battery_temp
+    efficiency = ratio(v.dc_kwh, ac)
     return {
         "vehicleId": v.vehicle_id,
-        "totalAcConsumedKwh": _kwh(ac),
-        "totalDcDeliveredKwh": _kwh(v.dc_kwh),
-        "efficiencyRatio": ratio,
-        "avgBatteryTemp": round(temp, 3) if temp is not None else None,
+        "totalAcConsumedKwh": kwh(ac),
+        "totalDcDeliveredKwh": kwh(v.dc_kwh),
+        "efficiencyRatio": efficiency,
+        "avgBatteryTemp": temperature(v.avg_battery_temp),
         "readings": {"meter": sum(m.readings for m in v.meters), "vehicle": v.vehicle_readings},
         "meters": [
-            {"meterId": m.meter_id, "acConsumedKwh": _kwh(m.ac_kwh), "readings": m.readings}
+            {"meterId": m.meter_id, "acConsumedKwh": kwh(m.ac_kwh), "readings": m.readings}
             for m in v.meters
         ],
-        "alert": ratio is not None and ratio < threshold,
+        "alert": efficiency is not None and efficiency < threshold,
     }
-
-
-def _kwh(value: float) -> float:
-    return round(value, KWH_DECIMALS) + 0.0  # (+ 0.0: never -0.0)
 
 
 def pieces_of(start: datetime, end: datetime) -> list[Piece]:
@@ -115,11 +121,11 @@ async def performance(request: Request) -> JSON:
     vehicle_id = request.path_params["vehicleId"]
     start, end = window_of(request, runtime.settings)
     if not is_device_id(vehicle_id):  # (never stored: no need to ask the database)
-        raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
+        raise unknown_vehicle(vehicle_id)
     async with connection(runtime) as conn:
         totals = await analytics.vehicle_window(conn, vehicle_id, pieces_of(start, end), start, end)
     if totals is None:
-        raise ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
+        raise unknown_vehicle(vehicle_id)
     threshold = runtime.settings.alert_efficiency_threshold
     body = figures(totals, threshold)
     return JSON(

@@ -20,7 +20,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.analytics import check_window, figures, pieces_of, ratio_of, window_of
+from api.analytics import check_window, figures, pieces_of, ratio, window_of
 from api.auth import require
 from api.body import limit_param, problem
 from api.database import connection
@@ -125,7 +125,7 @@ async def fleet(request: Request) -> Response:
     threshold = runtime.settings.alert_efficiency_threshold
     # Every vehicle is sorted, only the page is written out (a fleet of 10,000 has its
     # figures built 100 at a time).
-    ranked = [(sort_key(v.vehicle_id, ratio_of(v)), v) for v in vehicles]
+    ranked = [(sort_key(v.vehicle_id, ratio(v.dc_kwh, v.ac_kwh)), v) for v in vehicles]
     if alert_only:
         ranked = [(key, v) for key, v in ranked if key[0] == 0 and key[1] < threshold]
     ranked.sort(key=lambda pair: pair[0])

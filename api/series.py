@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from api.analytics import KWH_DECIMALS, RATIO_DECIMALS, window_of
+from api.analytics import kwh, ratio, temperature, unknown_vehicle, window_of
 from api.auth import require
 from api.body import problem
 from api.database import connection
@@ -23,12 +23,11 @@ async def series(request: Request) -> JSON:
     bucket = request.query_params.get("bucket", "1h")
     if bucket not in BUCKETS:
         raise ApiError(400, [problem("bucket", f"must be one of {', '.join(BUCKETS)}")])
-    unknown = ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
-    if not is_device_id(vehicle_id):
-        raise unknown
+    if not is_device_id(vehicle_id):  # (never stored: no need to ask the database)
+        raise unknown_vehicle(vehicle_id)
     async with connection(runtime) as conn:
-        if not await conn.fetchval(analytics.VEHICLE_KNOWN, vehicle_id):
-            raise unknown
+        if not await analytics.vehicle_known(conn, vehicle_id):
+            raise unknown_vehicle(vehicle_id)
         buckets = await vehicle_series(conn, vehicle_id, start, end, bucket)
     return JSON(
         {
@@ -38,14 +37,10 @@ async def series(request: Request) -> JSON:
             "series": [
                 {
                     "start": b.start,
-                    "acKwh": round(b.ac_kwh, KWH_DECIMALS) + 0.0,
-                    "dcKwh": round(b.dc_kwh, KWH_DECIMALS) + 0.0,
-                    "efficiencyRatio": (
-                        round(b.dc_kwh / b.ac_kwh, RATIO_DECIMALS) if b.ac_kwh > 0 else None
-                    ),
-                    "avgBatteryTemp": (
-                        round(b.avg_battery_temp, 3) if b.avg_battery_temp is not None else None
-                    ),
+                    "acKwh": kwh(b.ac_kwh),
+                    "dcKwh": kwh(b.dc_kwh),
+                    "efficiencyRatio": ratio(b.dc_kwh, b.ac_kwh),
+                    "avgBatteryTemp": temperature(b.avg_battery_temp),
                     "lastSoc": b.last_soc,
                     "readings": {"meter": b.meter_readings, "vehicle": b.vehicle_readings},
                 }

@@ -58,7 +58,8 @@ async def read(
         return records
 
 
-def _ceil_hour(column: str) -> str:
+def ceil_hour_sql(column: str) -> str:
+    """SQL for the first whole hour at or after `column` (UTC)."""
     floor = f"date_trunc('hour', {column}, 'UTC')"
     return f"{floor} + CASE WHEN {floor} < {column} THEN interval '1 hour' ELSE interval '0' END"
 
@@ -126,7 +127,8 @@ iv AS (
       {vehicle.format(alias="s")}
 ),
 edges AS (
-    SELECT vehicle_id, meter_id, a, b, {_ceil_hour("a")} AS ha, date_trunc('hour', b, 'UTC') AS hb
+    SELECT vehicle_id, meter_id, a, b, {ceil_hour_sql("a")} AS ha,
+           date_trunc('hour', b, 'UTC') AS hb
     FROM iv WHERE NOT whole
 ),
 partial AS (
@@ -164,6 +166,11 @@ FROM dc FULL JOIN ac USING (vehicle_id)"""
 VEHICLE_KNOWN = f"""
 SELECT EXISTS (SELECT 1 FROM {VEHICLE.latest} WHERE vehicle_id = $1)
     OR EXISTS (SELECT 1 FROM {SESSIONS} WHERE vehicle_id = $1)"""
+
+
+async def vehicle_known(conn: asyncpg.Connection, vehicle_id: str) -> bool:
+    """Has the vehicle reported, or been linked to a meter?"""
+    return bool(await conn.fetchval(VEHICLE_KNOWN, vehicle_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +260,7 @@ async def vehicle_window(
     end: datetime,
 ) -> VehicleWindow | None:
     """The vehicle's totals over [start, end), or None for a vehicle never seen."""
-    if not await conn.fetchval(VEHICLE_KNOWN, vehicle_id):
+    if not await vehicle_known(conn, vehicle_id):
         return None
     sql = _window_sql(window, one_vehicle=True)
     found = _vehicles(await read(conn, sql, *_args(window, start, end), vehicle_id, generic=True))

@@ -14,6 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
+from db.analytics import CLAMP
 from db.tables import METER, VEHICLE
 from db.windows import ceil_hour, floor_hour
 
@@ -25,7 +26,7 @@ DELETE FROM {METER.hourly} WHERE hour >= $1 AND hour < $2 {_DEVICES.format(colum
     f"""
 INSERT INTO {METER.hourly} (meter_id, hour, kwh_consumed_ac, readings)
 SELECT meter_id, date_trunc('hour', ts, 'UTC'),
-       sum(least(kwh_consumed_ac, 1e300)), count(*)
+       sum(least(kwh_consumed_ac, {CLAMP})), count(*)
 FROM {METER.history} WHERE ts >= $1 AND ts < $2 {_DEVICES.format(column="meter_id")}
 GROUP BY 1, 2""",
 )
@@ -37,7 +38,7 @@ WHERE hour >= $1 AND hour < $2 {_DEVICES.format(column="vehicle_id")}""",
 INSERT INTO {VEHICLE.hourly}
     (vehicle_id, hour, kwh_delivered_dc, readings, battery_temp_sum, last_ts, last_soc)
 SELECT vehicle_id, date_trunc('hour', ts, 'UTC'),
-       sum(least(kwh_delivered_dc, 1e300)), count(*), sum(battery_temp), max(ts),
+       sum(least(kwh_delivered_dc, {CLAMP})), count(*), sum(battery_temp), max(ts),
        (array_agg(soc ORDER BY ts DESC))[1]
 FROM {VEHICLE.history} WHERE ts >= $1 AND ts < $2 {_DEVICES.format(column="vehicle_id")}
 GROUP BY 1, 2""",

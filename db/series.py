@@ -13,19 +13,17 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from db.analytics import CLAMP, read
+from db.analytics import CLAMP, ceil_hour_sql, read
 from db.tables import METER, SESSIONS, VEHICLE
 
 BUCKETS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"  # a UTC midnight: buckets align to the clock
 
-_FLOOR_S = "date_trunc('hour', $2, 'UTC')"
-_CEIL_S = f"{_FLOOR_S} + CASE WHEN {_FLOOR_S} < $2 THEN interval '1 hour' ELSE interval '0' END"
 
 # Parameters: $1 vehicle, $2 start, $3 end, $4 bucket width.
 _ROLLED_UP = f"""
 WITH bounds AS (
-    SELECT {_CEIL_S} AS hs, date_trunc('hour', $3, 'UTC') AS he
+    SELECT {ceil_hour_sql("$2")} AS hs, date_trunc('hour', $3, 'UTC') AS he
 ),
 dc AS (
     SELECT date_bin($4, h.hour, {ORIGIN}) AS bucket, least(h.kwh_delivered_dc, {CLAMP}) AS kwh,
@@ -51,10 +49,7 @@ iv AS (
     WHERE s.vehicle_id = $1 AND s.started_at < $3 AND (s.ended_at IS NULL OR s.ended_at > $2)
 ),
 edges AS (
-    SELECT meter_id, a, b,
-           date_trunc('hour', a, 'UTC') + CASE WHEN date_trunc('hour', a, 'UTC') < a
-                                               THEN interval '1 hour' ELSE interval '0' END AS ha,
-           date_trunc('hour', b, 'UTC') AS hb
+    SELECT meter_id, a, b, {ceil_hour_sql("a")} AS ha, date_trunc('hour', b, 'UTC') AS hb
     FROM iv
 ),
 ac AS (
