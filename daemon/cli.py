@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Analytics read whole hours from hourly roll-ups that the daemon keeps as "
         "it stores readings. Readings written into the history by other means (COPY, "
         "INSERT, a restore) are not in them until their hours are summed again: every hour "
-        "that [START, END) touches, every device, in one transaction.",
+        "that [START, END) touches, every device, in one transaction. Run it over hours no "
+        "daemon is storing readings for (past ones): a daemon's additions to those hours "
+        "while it runs could be replaced.",
     )
     rebuilding.add_argument("start", type=_instant, help="ISO 8601 with an offset")
     rebuilding.add_argument("end", type=_instant, help="ISO 8601 with an offset (exclusive)")

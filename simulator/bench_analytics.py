@@ -6,49 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import time
 
-import asyncpg
 import httpx
 
-from db.rollup import rebuild
+from simulator.bench_fleet import load_fleet
 from simulator.bench_http import wrk
-from simulator.benchkit import Daemon, Result, Services, prepare, reset
-
-
-def _bulk(stream: str, devices: int, days: int, step_min: int) -> str:
-    if stream == "meter":
-        columns, values = "meter_id, ts, kwh_consumed_ac, voltage", "'M-' || d, t, 0.1, 230"
-    else:
-        columns = "vehicle_id, ts, soc, kwh_delivered_dc, battery_temp"
-        values = "'V-' || d, t, 50, 0.088, 25"
-    return f"""
-INSERT INTO {stream}_readings ({columns}, received_at)
-SELECT {values}, t
-FROM generate_series(now() - interval '{days} days', now(), interval '{step_min} minutes') t,
-     generate_series(1, {devices}) d"""
+from simulator.benchkit import Daemon, Result, Services
 
 
 async def load_history(dsn: str, *, devices: int, days: int, step_min: int) -> float:
-    await reset(dsn)
-    await prepare(dsn, retention_days=days + 2)
-    conn = await asyncpg.connect(dsn)
-    try:
-        started = time.perf_counter()
-        await conn.execute(_bulk("meter", devices, days, step_min))
-        await conn.execute(_bulk("vehicle", devices, days, step_min))
-        await conn.execute(
-            f"INSERT INTO charging_sessions (vehicle_id, meter_id, started_at) "
-            f"SELECT 'V-' || d, 'M-' || d, now() - interval '{days + 1} days' "
-            f"FROM generate_series(1, {devices}) d"
-        )
-        # The hourly roll-ups, as the daemon's flush would have kept them.
-        span = "SELECT min(ts), max(ts) + interval '1 microsecond' FROM meter_readings"
-        await rebuild(conn, *await conn.fetchrow(span))
-        await conn.execute("VACUUM ANALYZE")
-        return time.perf_counter() - started
-    finally:
-        await conn.close()
+    """The fleet benchmark's history (time-ordered, each vehicle linked to its meter, the
+    roll-ups rebuilt), `days` long; returns the seconds it took."""
+    loaded = await load_fleet(dsn, devices=devices, hours=days * 24, step_min=step_min)
+    return float(loaded["load_s"] + loaded["rollup_rebuild_s"])
 
 
 ANALYTICS_SCRIPT = """
