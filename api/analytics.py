@@ -10,9 +10,8 @@ from starlette.requests import Request
 
 from api.auth import require
 from api.body import problem
-from api.database import connection
 from api.responses import JSON, ApiError
-from api.state import runtime_of
+from api.state import reads_of, runtime_of
 from daemon.config import Settings
 from daemon.readings import OUT_OF_CALENDAR, is_device_id
 from db import analytics
@@ -92,22 +91,26 @@ def unknown_vehicle(vehicle_id: str) -> ApiError:
     return ApiError(404, f"no vehicle {vehicle_id!r} has reported or been linked")
 
 
+def alert(dc_kwh: float, ac_kwh: float, threshold: float) -> bool:
+    """Under the threshold, by the ratio itself (not its rounding): the fleet's `alert=true`
+    filter, run in PostgreSQL, decides the same way."""
+    return ac_kwh > 0 and dc_kwh / ac_kwh < threshold
+
+
 def figures(v: analytics.VehicleWindow, threshold: float) -> dict[str, Any]:
     """A vehicle's figures, as the per-vehicle route and each row of the fleet give them."""
-    ac = v.ac_kwh
-    efficiency = ratio(v.dc_kwh, ac)
     return {
         "vehicleId": v.vehicle_id,
-        "totalAcConsumedKwh": kwh(ac),
+        "totalAcConsumedKwh": kwh(v.ac_kwh),
         "totalDcDeliveredKwh": kwh(v.dc_kwh),
-        "efficiencyRatio": efficiency,
+        "efficiencyRatio": ratio(v.dc_kwh, v.ac_kwh),
         "avgBatteryTemp": temperature(v.avg_battery_temp),
-        "readings": {"meter": sum(m.readings for m in v.meters), "vehicle": v.vehicle_readings},
+        "readings": {"meter": v.meter_readings, "vehicle": v.vehicle_readings},
         "meters": [
             {"meterId": m.meter_id, "acConsumedKwh": kwh(m.ac_kwh), "readings": m.readings}
             for m in v.meters
         ],
-        "alert": efficiency is not None and efficiency < threshold,
+        "alert": alert(v.dc_kwh, v.ac_kwh, threshold),
     }
 
 
@@ -122,7 +125,7 @@ async def performance(request: Request) -> JSON:
     start, end = window_of(request, runtime.settings)
     if not is_device_id(vehicle_id):  # (never stored: no need to ask the database)
         raise unknown_vehicle(vehicle_id)
-    async with connection(runtime) as conn:
+    async with reads_of(request).connection(analytics=True) as conn:
         totals = await analytics.vehicle_window(conn, vehicle_id, pieces_of(start, end), start, end)
     if totals is None:
         raise unknown_vehicle(vehicle_id)

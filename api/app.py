@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from api.auth import Handler
+from api.database import ReadGate
 from api.openapi import ENDPOINTS, openapi_document
 from api.responses import JSON, ApiError
 from daemon.runtime import Runtime
@@ -127,5 +128,13 @@ def create_app(runtime: Runtime) -> App:
         },
     )
     app.state.runtime = runtime
+    settings = runtime.settings
+    app.state.reads = ReadGate(
+        runtime.read_pool,
+        analytics_max=settings.analytics_max_concurrent,
+        queue_timeout_s=settings.read_queue_timeout_s,
+        statement_timeout_s=settings.analytics_statement_timeout_s,
+        metrics=runtime.writer.metrics,
+    )
     direct = {e.path: e.handler for e in ENDPOINTS if e.method == "POST" and e.tag == "ingestion"}
     return App(app, direct)

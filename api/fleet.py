@@ -3,29 +3,34 @@
 Every vehicle with readings in the window, of its own or of a meter linked to it, with the
 same figures as `GET /v1/analytics/performance/{vehicleId}` (the same statement computes
 them). Sorted by efficiency, lowest first, vehicles without AC energy last, then by id.
-Pages follow a cursor that carries the window and the filter of the first page, so that
-paging through a window that ends "now" does not move it.
+Pages follow a cursor that carries the window, the filter of the first page and the last
+vehicle's sort key, so that paging through a window that ends "now" does not move it.
+
+PostgreSQL sorts, filters and cuts the page (`db.analytics.fleet_page`); the route turns the
+page's rows into JSON or CSV a few hundred at a time, giving the event loop a turn between
+them (`api.streaming`): a page of 10,000 vehicles never holds the loop.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import csv
-import io
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from asyncpg import Record
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
-from api.analytics import check_window, figures, pieces_of, ratio, window_of
+from api.analytics import check_window, figures, pieces_of, window_of
 from api.auth import require
 from api.body import limit_param, problem
-from api.database import connection
-from api.responses import JSON, ApiError
-from api.state import runtime_of
+from api.responses import ApiError
+from api.state import reads_of, runtime_of
+from api.streaming import csv_rows, json_object
+from daemon.readings import is_device_id
 from db import analytics
 
 DEFAULT_LIMIT = 100
@@ -41,11 +46,6 @@ CSV_COLUMNS = (
     "vehicleReadings",
     "meters",
 )
-SortKey = tuple[int, float, str]
-
-
-def sort_key(vehicle_id: str, ratio: float | None) -> SortKey:
-    return (0, ratio, vehicle_id) if ratio is not None else (1, 0.0, vehicle_id)
 
 
 def _bad(field: str, message: str) -> ApiError:
@@ -60,12 +60,12 @@ def _flag(raw: str | None) -> bool:
     raise _bad("alert", "must be true or false")
 
 
-def encode_cursor(start: datetime, end: datetime, alert: bool, after: SortKey) -> str:
+def encode_cursor(start: datetime, end: datetime, alert: bool, after: analytics.SortKey) -> str:
     state = {"start": start.isoformat(), "end": end.isoformat(), "alert": alert, "after": after}
     return base64.urlsafe_b64encode(orjson.dumps(state)).decode().rstrip("=")
 
 
-def decode_cursor(raw: str) -> tuple[datetime, datetime, bool, SortKey]:
+def decode_cursor(raw: str) -> tuple[datetime, datetime, bool, analytics.SortKey]:
     try:
         state = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         start = datetime.fromisoformat(state["start"])
@@ -80,6 +80,7 @@ def decode_cursor(raw: str) -> tuple[datetime, datetime, bool, SortKey]:
             or not isinstance(ratio, int | float)
             or isinstance(ratio, bool)
             or not isinstance(vehicle, str)
+            or not (vehicle == "" or is_device_id(vehicle))
         ):
             raise ValueError("cursor fields")
         start.astimezone(UTC), end.astimezone(UTC)  # (within the calendar once in UTC)
@@ -110,7 +111,7 @@ async def fleet(request: Request) -> Response:
     query = request.query_params
     limit = limit_param(query.get("limit"), default=DEFAULT_LIMIT, maximum=MAX_LIMIT)
     as_csv = _wants_csv(request)
-    after: SortKey | None = None
+    after = analytics.FIRST_KEY
     if query.get("cursor"):
         start, end, alert_only, after = decode_cursor(query["cursor"])
         try:  # (a cursor this route gave keeps the rules; one made up must too)
@@ -120,58 +121,65 @@ async def fleet(request: Request) -> Response:
     else:
         start, end = window_of(request, runtime.settings)
         alert_only = _flag(query.get("alert"))
-    async with connection(runtime) as conn:
-        vehicles = await analytics.fleet_window(conn, pieces_of(start, end), start, end)
     threshold = runtime.settings.alert_efficiency_threshold
-    # Every vehicle is sorted, only the page is written out (a fleet of 10,000 has its
-    # figures built 100 at a time).
-    ranked = [(sort_key(v.vehicle_id, ratio(v.dc_kwh, v.ac_kwh)), v) for v in vehicles]
-    if alert_only:
-        ranked = [(key, v) for key, v in ranked if key[0] == 0 and key[1] < threshold]
-    ranked.sort(key=lambda pair: pair[0])
-    total = len(ranked)
-    if after is not None:
-        ranked = [(key, v) for key, v in ranked if key > after]
-    page = [figures(v, threshold) for _, v in ranked[:limit]]
+    async with reads_of(request).connection(analytics=True) as conn:
+        page = await analytics.fleet_page(
+            conn,
+            pieces_of(start, end),
+            start,
+            end,
+            alert_below=threshold if alert_only else None,
+            after=after,
+            limit=limit,
+        )
     next_cursor = (
-        encode_cursor(start, end, alert_only, ranked[limit - 1][0]) if len(ranked) > limit else None
+        encode_cursor(start, end, alert_only, page.key(page.rows[-1])) if page.more else None
     )
+
+    def row(record: Record) -> dict[str, Any]:
+        return figures(analytics.vehicle_of(record, analytics.FLEET_OFFSET), threshold)
+
     if as_csv:
-        return _csv(page, next_cursor, request, limit)
-    return JSON(
-        {
-            "window": {"startTime": start, "endTime": end},
-            "alertThreshold": threshold,
-            "alertOnly": alert_only,
-            "total": total,
-            "vehicles": page,
-            "next": next_cursor,
-        }
+        return _csv(page.rows, row, next_cursor, request, limit)
+    fields = {
+        "window": {"startTime": start, "endTime": end},
+        "alertThreshold": threshold,
+        "alertOnly": alert_only,
+        "total": page.total,
+        "next": next_cursor,
+    }
+    return StreamingResponse(
+        json_object(fields, "vehicles", page.rows, row), media_type="application/json"
     )
+
+
+def _csv_line(row: dict[str, Any]) -> list[Any]:
+    return [
+        row["vehicleId"],
+        row["efficiencyRatio"] if row["efficiencyRatio"] is not None else "",
+        "true" if row["alert"] else "false",
+        row["totalAcConsumedKwh"],
+        row["totalDcDeliveredKwh"],
+        row["avgBatteryTemp"] if row["avgBatteryTemp"] is not None else "",
+        row["readings"]["meter"],
+        row["readings"]["vehicle"],
+        " ".join(m["meterId"] for m in row["meters"]),
+    ]
 
 
 def _csv(
-    page: list[dict[str, Any]], next_cursor: str | None, request: Request, limit: int
+    rows: list[Record],
+    row: Callable[[Record], dict[str, Any]],
+    next_cursor: str | None,
+    request: Request,
+    limit: int,
 ) -> Response:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in page:
-        writer.writerow(
-            [
-                row["vehicleId"],
-                row["efficiencyRatio"] if row["efficiencyRatio"] is not None else "",
-                "true" if row["alert"] else "false",
-                row["totalAcConsumedKwh"],
-                row["totalDcDeliveredKwh"],
-                row["avgBatteryTemp"] if row["avgBatteryTemp"] is not None else "",
-                row["readings"]["meter"],
-                row["readings"]["vehicle"],
-                " ".join(m["meterId"] for m in row["meters"]),
-            ]
-        )
     headers = {"Content-Disposition": 'attachment; filename="fleet-efficiency.csv"'}
     if next_cursor is not None:
         link = f"{request.url.path}?format=csv&limit={limit}&cursor={next_cursor}"
         headers["Link"] = f'<{link}>; rel="next"'
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(
+        csv_rows(CSV_COLUMNS, rows, lambda r: _csv_line(row(r))),
+        media_type="text/csv; charset=utf-8",
+        headers=headers,
+    )

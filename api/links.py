@@ -10,15 +10,16 @@ from starlette.requests import Request
 from api.analytics import instant
 from api.auth import require
 from api.body import limit_param, problem, read_json
-from api.database import connection
+from api.database import control_connection
 from api.responses import JSON, ApiError
 from api.schemas import LinkRequest
-from api.state import runtime_of
+from api.state import reads_of, runtime_of
 from daemon.readings import is_device_id
 from db.sessions import SessionRow, link, sessions_of
 
 SESSIONS_DEFAULT_LIMIT = 50
 SESSIONS_MAX_LIMIT = 1000
+LINK_WAIT_S = 5.0  # for a connection of the control pool, then 503
 
 
 def _session(row: SessionRow) -> dict[str, Any]:
@@ -42,7 +43,7 @@ async def link_vehicle(request: Request) -> JSON:
             422,
             [problem(".".join(str(p) for p in e["loc"]), e["msg"]) for e in error.errors()],
         ) from None
-    async with connection(runtime) as conn:
+    async with control_connection(runtime.control_pool, timeout_s=LINK_WAIT_S) as conn:
         result = await link(
             conn,
             schema=runtime.settings.db_schema,
@@ -74,7 +75,7 @@ async def list_links(request: Request) -> JSON:
     device = vehicle_id if vehicle_id is not None else meter_id
     if device is None or not is_device_id(device):  # never stored: nothing to list
         return JSON({"links": [], "next": None})
-    async with connection(runtime_of(request)) as conn:
+    async with reads_of(request).connection(analytics=False) as conn:
         rows = await sessions_of(
             conn, vehicle_id=vehicle_id, meter_id=meter_id, started_before=before, limit=limit
         )

@@ -3,8 +3,6 @@ rejections."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,14 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.auth import OPEN_NOTICE, require
-from api.database import connection
 from api.responses import JSON, ApiError
-from api.state import runtime_of
+from api.state import reads_of, runtime_of
+from daemon.probe import DatabaseStatus
 from daemon.readings import is_device_id
 from daemon.runtime import Runtime
 from db import reads
 
-HEALTH_DB_TIMEOUT_S = 2.0
 REJECTIONS_DEFAULT_LIMIT = 100
 REJECTIONS_MAX_LIMIT = 1000
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
@@ -44,26 +41,27 @@ _JSON_NAMES = {
 
 
 async def health(request: Request) -> JSON:
-    body, _ = await _state(runtime_of(request), reads.server_time)
+    """Readiness in parts, from what the daemon already knows: never a query of its own, so
+    that /health answers at once however busy the database is (`daemon.probe` asks it, on a
+    connection of its own, every second)."""
+    body = _state(runtime_of(request))
     return JSON(body, status_code=200 if body["status"] == "ok" else 503)
 
 
-Probe = Callable[[asyncpg.Connection], Awaitable[Any]]
-
-
-async def _state(runtime: Runtime, probe: Probe) -> tuple[dict[str, Any], Any]:
-    """Readiness in parts, each with the reason when it is not ok; and what `probe`, the
-    query that tells whether the database answers, found (None when it did not run or
-    failed)."""
-    database, found = _writes_check(runtime), None
-    if database is None:
-        database, found = await _database_check(runtime, probe)
+def _state(runtime: Runtime) -> dict[str, Any]:
+    """Each part with its reason when it is not ok. Ready means: the database takes writes
+    (up or only busy), every subscription is granted and partition upkeep works. The
+    replica, when reads go to one, is reported, not required: without it operators' reads
+    fail, ingestion does not."""
+    database = _writes_check(runtime) or _check(runtime.database_status())
     broker = runtime.broker_status()
     upkeep = runtime.upkeep_status()
     ready = database["ok"] and broker.ready and upkeep.ok
-    body = {
+    replica = runtime.replica_status()
+    return {
         "status": "ok" if ready else "unavailable",
         "database": database,
+        "replica": None if replica is None else _check(replica, lag=True),
         "broker": {"ok": broker.ready, "detail": broker.detail},
         "partitions": {"ok": upkeep.ok, "detail": upkeep.detail},
         "buffer": {
@@ -72,7 +70,13 @@ async def _state(runtime: Runtime, probe: Probe) -> tuple[dict[str, Any], Any]:
         },
         "auth": "api keys required" if runtime.settings.api_keys else OPEN_NOTICE,
     }
-    return body, found
+
+
+def _check(status: DatabaseStatus, *, lag: bool = False) -> dict[str, Any]:
+    part: dict[str, Any] = {"ok": status.ok, "state": status.state, "detail": status.detail}
+    if lag:
+        part["lagSeconds"] = None if status.lag_s is None else round(status.lag_s, 3)
+    return part
 
 
 async def _fleet_counts(conn: asyncpg.Connection) -> dict[str, Any]:
@@ -87,23 +91,29 @@ async def _fleet_counts(conn: asyncpg.Connection) -> dict[str, Any]:
 @require("operator")
 async def overview(request: Request) -> JSON:
     """The dashboard's summary: /health's parts, this daemon's rate, and the fleet's counts
-    from the database (null, with the reason in `database`, while it is unreachable). The
-    counts' query is the database's check too: one round trip, not two."""
+    (from the replica when reads go to one; null, with the reason in `countsDetail`, when
+    they cannot be read)."""
     runtime = runtime_of(request)
-    body, counts = await _state(runtime, _fleet_counts)
-    if counts is None:
-        counts = {"at": datetime.now(UTC), "meters": None, "vehicles": None, "rejections": None}
+    body = _state(runtime)
+    counts: dict[str, Any] = {"at": datetime.now(UTC)}
+    try:
+        async with reads_of(request).connection(analytics=False) as conn:
+            counts = await _fleet_counts(conn)
+        detail = ""
+    except ApiError as error:
+        detail = str(error.detail)
     body.update(
         at=counts["at"],
+        countsDetail=detail,
         devicesSeen={
             "windowSeconds": SEEN_WINDOW_S,
-            "meters": counts["meters"],
-            "vehicles": counts["vehicles"],
+            "meters": counts.get("meters"),
+            "vehicles": counts.get("vehicles"),
         },
         rejections={
             "windowSeconds": REJECTIONS_WINDOW_S,
-            "count": counts["rejections"],
-            "atLeast": counts["rejections"] == REJECTIONS_COUNTED_MAX,
+            "count": counts.get("rejections"),
+            "atLeast": counts.get("rejections") == REJECTIONS_COUNTED_MAX,
         },
         storedPerSecond={
             "windowSeconds": runtime.writer.metrics.stored_rate.span_s,
@@ -117,27 +127,17 @@ async def overview(request: Request) -> JSON:
 
 def _writes_check(runtime: Runtime) -> dict[str, Any] | None:
     """Why the last writes failed, while they do: PostgreSQL may answer a query and still
-    refuse every write (a missing partition, permissions, a full disk)."""
+    refuse every write (a missing partition, permissions, a full disk, a read-only node)."""
     writer = runtime.writer
     failure = writer.last_failure
+    cause = failure.detail if failure else "?"
     if writer.held_readings and writer.held_since is not None:
         since = datetime.fromtimestamp(writer.held_since, UTC).isoformat(timespec="seconds")
-        cause = failure.detail if failure else "?"
         detail = f"{writer.held_readings} readings held back since {since}: {cause}"
-        return {"ok": False, "detail": detail}
+        return {"ok": False, "state": "refusing writes", "detail": detail}
     if not writer.database_ok:
-        return {"ok": False, "detail": f"writes failing: {failure.detail if failure else '?'}"}
+        return {"ok": False, "state": "refusing writes", "detail": f"writes failing: {cause}"}
     return None
-
-
-async def _database_check(runtime: Runtime, probe: Probe) -> tuple[dict[str, Any], Any]:
-    try:
-        async with asyncio.timeout(HEALTH_DB_TIMEOUT_S):
-            async with runtime.pool.acquire() as conn:
-                found = await probe(conn)
-    except Exception as error:  # any failure here means "not ready", with the reason
-        return {"ok": False, "detail": f"{error.__class__.__name__}: {error}"}, None
-    return {"ok": True, "detail": ""}, found
 
 
 async def metrics(request: Request) -> Response:
@@ -159,8 +159,7 @@ async def _status(request: Request, stream: str) -> JSON:
     device_id = request.path_params[f"{stream}Id"]
     if not is_device_id(device_id):  # (never stored: no need to ask the database)
         raise ApiError(404, f"no {stream} {device_id!r} has reported yet")
-    runtime = runtime_of(request)
-    async with connection(runtime) as conn:
+    async with reads_of(request).connection(analytics=False) as conn:
         row = await reads.latest_state(conn, stream, device_id)
     if row is None:
         raise ApiError(404, f"no {stream} {device_id!r} has reported yet")
@@ -179,8 +178,7 @@ async def rejections(request: Request) -> JSON:
     source = query.get("source")
     if source not in (None, "mqtt", "http"):
         raise ApiError(400, [{"field": "source", "message": "must be mqtt or http"}])
-    runtime = runtime_of(request)
-    async with connection(runtime) as conn:
+    async with reads_of(request).connection(analytics=False) as conn:
         rows = await reads.recent_rejections(conn, source=source, before_id=before, limit=limit)
     items = [
         {

@@ -14,6 +14,13 @@ defences a server facing firmware in the field needs.
   is closed for each new one (idle: between requests, or not a byte sent yet); with none
   idle, the new one is answered `503`. Held-open connections cannot use up the process's file
   descriptors, and a probe of /health always gets in.
+- **A bounded head.** A request line longer than HTTP_MAX_REQUEST_LINE_BYTES is answered
+  `414`, more than HTTP_MAX_HEADERS headers or more than HTTP_MAX_HEADER_BYTES of them `431`,
+  as soon as the limit is passed: while a request's head is open, the parser is fed at most
+  what the limits leave, so a header line that never ends costs what the limits allow and
+  no more (httptools joins a header's pieces by copying, a cost that grows with the square
+  of its length: 64 MiB of one header held the event loop for seconds). A head the parser
+  refuses is `400`. Each answer is JSON, and the connection is closed after it.
 - **Closing without losing the answer.** When a request's body is refused before it is read
   whole (`413`), closing at once would make the kernel reset the connection, and a client
   still writing its body would never read the answer. The connection is half-closed after
@@ -33,12 +40,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
 LINGER_S = 5.0
 LINGER_MAX_BYTES = 64 * 1024 * 1024
+# Bytes of a head beyond the URL and the headers themselves: method, version, line ends,
+# spaces around header values.
+HEAD_SLACK_BYTES = 1024
 TIMEOUT_ANSWER = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
     b"connection: close\r\ncontent-length: 47\r\n\r\n"
@@ -49,6 +60,21 @@ BUSY_ANSWER = (
     b"retry-after: 1\r\nconnection: close\r\ncontent-length: 51\r\n\r\n"
     b'{"detail":"too many connections; try again shortly"}'
 )
+URI_TOO_LONG, HEADERS_TOO_LARGE, BAD_REQUEST = 414, 431, 400
+_REASONS = {
+    URI_TOO_LONG: b"URI Too Long",
+    HEADERS_TOO_LARGE: b"Request Header Fields Too Large",
+    BAD_REQUEST: b"Bad Request",
+}
+
+
+def refusal(status: int, detail: str) -> bytes:
+    """A whole answer refusing a request before it reached the application."""
+    body = orjson.dumps({"detail": detail})
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+    )
 
 
 @dataclass(slots=True)
@@ -58,6 +84,9 @@ class ConnectionLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
+    max_request_line_bytes: int = 8192
+    max_header_bytes: int = 32_768
+    max_headers: int = 100
     idle: OrderedDict[HttpProtocol, None] = field(default_factory=OrderedDict)
     open: set[Any] = field(default_factory=set)  # uvicorn's own set, once known
     evicted: int = 0
@@ -111,6 +140,14 @@ class HttpProtocol(HttpToolsProtocol):
         self._message_complete = True
         self._timer: asyncio.TimerHandle | None = None
         self._raw: asyncio.Transport | None = None
+        # The head of the request being read: open from the end of the previous request
+        # (or the connection's start) to the end of its headers.
+        self._head_open = True
+        self._head_bytes = 0
+        self._line_bytes = 0
+        self._header_count = 0
+        self._header_bytes = 0
+        self._refusal: int | None = None
 
     # -- connections --------------------------------------------------------------------
 
@@ -157,21 +194,90 @@ class HttpProtocol(HttpToolsProtocol):
             if self._lingered_bytes > LINGER_MAX_BYTES and self._raw is not None:
                 self._raw.close()
             return
-        super().data_received(data)
+        limits = self.limits
+        head_limit = limits.max_request_line_bytes + limits.max_header_bytes + HEAD_SLACK_BYTES
+        while data and self._head_open and self._refusal is None:
+            room = head_limit - self._head_bytes
+            if room <= 0:  # a head that does not end within the limits (a long URL is
+                self._refusal = HEADERS_TOO_LARGE  # refused by on_url before this)
+                break
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+        if self._refusal is not None:
+            self._refuse()
+        elif data:
+            super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a head the parser refuses, as JSON like every other."""
+        log.info("HTTP: %s", msg)
+        self._refusal = BAD_REQUEST
+        self._refuse()
+
+    def _refuse(self) -> None:
+        """Answer the refusal once, then close: lingering, so that a client still writing
+        its head reads the answer rather than a reset."""
+        raw = self._raw
+        if raw is None or raw.is_closing() or self.lingering:
+            return
+        details = {
+            URI_TOO_LONG: f"request line longer than {self.limits.max_request_line_bytes} "
+            "bytes (HTTP_MAX_REQUEST_LINE_BYTES)",
+            HEADERS_TOO_LARGE: f"request headers larger than {self.limits.max_header_bytes} "
+            f"bytes, or more than {self.limits.max_headers} of them (HTTP_MAX_HEADER_BYTES, "
+            "HTTP_MAX_HEADERS)",
+            BAD_REQUEST: "malformed HTTP request",
+        }
+        status = self._refusal or BAD_REQUEST
+        raw.write(refusal(status, details[status]))
+        self._message_complete = False  # (so that the close lingers)
+        self.lingering = False
+        self._linger_now()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._message_complete = False
+        self._line_bytes = self._header_count = self._header_bytes = 0
         self.limits.idle.pop(self, None)
         if self._timer is None:
             self._arm(self.limits.header_timeout_s)
 
+    def on_url(self, url: bytes) -> None:
+        self._line_bytes += len(url)
+        if self._line_bytes > self.limits.max_request_line_bytes:
+            self._refusal = self._refusal or URI_TOO_LONG
+            return
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if (
+            self._header_count > self.limits.max_headers
+            or self._header_bytes > self.limits.max_header_bytes
+        ):
+            self._refusal = self._refusal or HEADERS_TOO_LARGE
+            return
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._refusal is not None:
+            return  # never reaches the application: refused once the parser returns
+        self._head_open = False
         self._arm(self.limits.body_timeout_s)
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if self._refusal is None:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refusal is not None:
+            return
         self._message_complete = True
+        self._head_open = True
+        self._head_bytes = 0
         self._disarm()
         super().on_message_complete()
 
@@ -212,7 +318,13 @@ class HttpProtocol(HttpToolsProtocol):
         raw = self._raw
         if self.lingering or self._message_complete or raw is None or raw.is_closing():
             return self.lingering
-        if not raw.can_write_eof():
+        return self._linger_now()
+
+    def _linger_now(self) -> bool:
+        raw = self._raw
+        if raw is None or not raw.can_write_eof():
+            if raw is not None:
+                raw.close()
             return False
         self.lingering = True
         self._disarm()

@@ -141,9 +141,26 @@ class BufferState(_Body):
     max: int
 
 
+class DatabaseCheck(Check):
+    state: str = Field(
+        description="up, busy (slow to answer: not unhealthy), down, read-only, or refusing "
+        "writes (held readings, failing flushes)"
+    )
+
+
+class ReplicaCheck(DatabaseCheck):
+    lag_seconds: float | None = Field(
+        alias="lagSeconds", description="how far its replay is behind the primary"
+    )
+
+
 class Health(_Body):
     status: str
-    database: Check
+    database: DatabaseCheck
+    replica: ReplicaCheck | None = Field(
+        description="the streaming replica of DATABASE_READ_URL; null when reads go to the "
+        "primary. Reported, not required for readiness"
+    )
     broker: Check
     partitions: Check
     buffer: BufferState
@@ -170,6 +187,9 @@ class Rate(_Body):
 
 class Overview(Health):
     at: datetime
+    counts_detail: str = Field(
+        alias="countsDetail", description="why the counts are null, when they are"
+    )
     devices_seen: DevicesSeen = Field(alias="devicesSeen")
     rejections: RecentRejections
     stored_per_second: Rate = Field(alias="storedPerSecond")

@@ -7,9 +7,8 @@ from starlette.requests import Request
 from api.analytics import kwh, ratio, temperature, unknown_vehicle, window_of
 from api.auth import require
 from api.body import problem
-from api.database import connection
 from api.responses import JSON, ApiError
-from api.state import runtime_of
+from api.state import reads_of, runtime_of
 from daemon.readings import is_device_id
 from db import analytics
 from db.series import BUCKETS, vehicle_series
@@ -25,7 +24,7 @@ async def series(request: Request) -> JSON:
         raise ApiError(400, [problem("bucket", f"must be one of {', '.join(BUCKETS)}")])
     if not is_device_id(vehicle_id):  # (never stored: no need to ask the database)
         raise unknown_vehicle(vehicle_id)
-    async with connection(runtime) as conn:
+    async with reads_of(request).connection(analytics=True) as conn:
         if not await analytics.vehicle_known(conn, vehicle_id):
             raise unknown_vehicle(vehicle_id)
         buckets = await vehicle_series(conn, vehicle_id, start, end, bucket)

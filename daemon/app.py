@@ -30,19 +30,22 @@ from broker.tls import client_context
 from broker.topics import subscriptions
 from daemon.config import MqttEndpoint, Settings
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.loopwatch import LoopWatch
 from daemon.metrics import Metrics
+from daemon.pools import Pools, database_pools
+from daemon.probe import DatabaseProbe
 from daemon.readings import Limits
 from daemon.runtime import BrokerStatus, Runtime
 from daemon.upkeep import Housekeeping, run_upkeep
 from daemon.writer import Submission, Writer
 from db.migrate import migrate
-from db.pool import TRANSACTION, check_schema, connect, create_pool
+from db.pool import TRANSACTION, check_schema, connect
 
 log = logging.getLogger(__name__)
 
 HTTP_DRAIN_S = 2.0
 PUBACK_GRACE_S = 0.05
-POOL_CLOSE_S = 1.0
+POOL_CLOSE_S = 1.0  # (daemon.pools closes each pool within this)
 FDS_KEPT = 256  # file descriptors not given to HTTP connections
 DB_WAIT_LOG_EVERY_S = 10.0
 # (A hint only, for a message PostgreSQL itself never sends: a pooler refusing `search_path`.)
@@ -120,15 +123,34 @@ async def serve(settings: Settings) -> bool:
             log.info("stopped before the database was ready")
             return True
         async with AsyncExitStack() as stack:
-            pool = await create_pool(
-                urls.database_url,
-                schema=settings.db_schema,
-                max_size=settings.db_pool_size,
-                pooler=settings.db_pooler,
-            )
-            stack.push_async_callback(_close_pool, pool)
-            return await _run_daemon(settings, urls, pool, stop)
+            pools = await stack.enter_async_context(database_pools(settings, urls.database_url))
+            probes = await stack.enter_async_context(_probes(settings, urls.database_url))
+            return await _run_daemon(settings, urls, pools, probes, stop)
     raise AssertionError("unreachable")  # (mypy: async with may swallow exceptions)
+
+
+@dataclass(frozen=True, slots=True)
+class Probes:
+    primary: DatabaseProbe
+    replica: DatabaseProbe | None
+
+
+@contextlib.asynccontextmanager
+async def _probes(settings: Settings, database_url: str) -> AsyncIterator[Probes]:
+    """The primary's health probe, and the replica's when reads go to one."""
+    schema, pooler = settings.db_schema, settings.db_pooler
+    async with AsyncExitStack() as stack:
+        primary = await stack.enter_async_context(
+            DatabaseProbe(database_url, schema=schema, pooler=pooler)
+        )
+        replica = None
+        if settings.database_read_url:
+            replica = await stack.enter_async_context(
+                DatabaseProbe(
+                    settings.database_read_url, schema=schema, pooler=pooler, replica=True
+                )
+            )
+        yield Probes(primary, replica)
 
 
 async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
@@ -162,6 +184,9 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         header_timeout_s=settings.http_header_timeout_s,
         body_timeout_s=settings.http_body_timeout_s,
         max_connections=cap,
+        max_request_line_bytes=settings.http_max_request_line_bytes,
+        max_header_bytes=settings.http_max_header_bytes,
+        max_headers=settings.http_max_headers,
     )
 
 
@@ -190,7 +215,7 @@ def session_settings(settings: Settings, endpoint: MqttEndpoint) -> SessionSetti
 
 
 async def _run_daemon(
-    settings: Settings, urls: Endpoints, pool: asyncpg.Pool, stop: asyncio.Event
+    settings: Settings, urls: Endpoints, pools: Pools, probes: Probes, stop: asyncio.Event
 ) -> bool:
     limits = Limits(
         retention=timedelta(days=settings.retention_days),
@@ -199,7 +224,7 @@ async def _run_daemon(
     )
     metrics = Metrics()
     writer = Writer(
-        pool,
+        pools.write,
         flush_max_readings=settings.flush_max_readings,
         flush_interval_s=settings.flush_interval_s,
         buffer_max_readings=settings.buffer_max_readings,
@@ -242,14 +267,18 @@ async def _run_daemon(
             "may ingest and read. Set INGEST_API_KEYS and OPERATOR_API_KEYS.",
             settings.http_port,
         )
-    housekeeping = Housekeeping(settings, pool, writer, metrics)
+    housekeeping = Housekeeping(settings, pools.control, writer, metrics)
+    replica = probes.replica
     runtime = Runtime(
         settings=settings,
-        pool=pool,
         writer=writer,
         limits=limits,
+        read_pool=pools.read,
+        control_pool=pools.control,
         broker_status=lambda: BrokerStatus(subscriber.ready, subscriber.detail),
         upkeep_status=lambda: housekeeping.status,
+        database_status=lambda: probes.primary.status,
+        replica_status=lambda: replica.status if replica is not None else None,
     )
     http_limits = connection_limits(settings)
     metrics.watch_http(http_limits)
@@ -268,6 +297,21 @@ async def _run_daemon(
             timeout_keep_alive=settings.http_keepalive_s,
         )
     )
+    async with LoopWatch(metrics):
+        return await _serve_until_stopped(
+            settings, endpoint, server, subscriber, writer, housekeeping, stop
+        )
+
+
+async def _serve_until_stopped(
+    settings: Settings,
+    endpoint: MqttEndpoint,
+    server: uvicorn.Server,
+    subscriber: MqttSubscriber,
+    writer: Writer,
+    housekeeping: Housekeeping,
+    stop: asyncio.Event,
+) -> bool:
     writer_task = asyncio.create_task(writer.run(), name="writer")
     mqtt_task = asyncio.create_task(subscriber.run(), name="mqtt")
     http_task = asyncio.create_task(server.serve(), name="http")
@@ -295,15 +339,6 @@ async def _run_daemon(
     )
     log.info("stopped")
     return not crashed
-
-
-async def _close_pool(pool: asyncpg.Pool) -> None:
-    """Close gracefully, or not at all: a connection stuck in a query (a lock held by
-    someone else, a database that stopped answering) must not keep the process alive."""
-    try:
-        await asyncio.wait_for(pool.close(), POOL_CLOSE_S)
-    except TimeoutError:
-        pool.terminate()
 
 
 async def _shut_down(

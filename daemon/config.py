@@ -26,10 +26,15 @@ class Settings(BaseSettings):
 
     database_url: str | None = Field(
         default=None,
-        description="PostgreSQL URL; unset starts a private PostgreSQL under VAR_DIR",
+        description="PostgreSQL URL (several hosts with target_session_attrs=read-write for "
+        "a primary that fails over); unset starts a private PostgreSQL under VAR_DIR",
     )
+    # A streaming replica for operators' reads; unset, they go to the primary (on a pool of
+    # their own either way).
+    database_read_url: str | None = None
     db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    db_pool_size: int = Field(default=4, ge=2, le=64)
+    # Connections for operators' reads (analytics, dashboard, status): never the writer's.
+    db_read_pool_size: int = Field(default=4, ge=1, le=64)
     # "transaction" behind a pooler in transaction mode (PgBouncer pool_mode=transaction,
     # managed poolers): no named prepared statements, the schema from the role's search_path.
     db_pooler: Literal["none", "transaction"] = "none"
@@ -75,8 +80,21 @@ class Settings(BaseSettings):
     http_body_timeout_s: float = Field(default=60.0, gt=0)
     http_keepalive_s: int = Field(default=5, ge=1)
     http_max_connections: int = Field(default=10_000, ge=16)
+    # A request's head (request line and headers) is refused early past these: 414 for the
+    # line, 431 for the headers; what is read before the refusal is bounded by them.
+    http_max_request_line_bytes: int = Field(default=8192, ge=256, le=1_048_576)
+    http_max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576)
+    http_max_headers: int = Field(default=100, ge=8, le=10_000)
     ingest_api_keys: str = Field(default="", description="comma-separated bearer keys")
     operator_api_keys: str = Field(default="", description="comma-separated bearer keys")
+
+    # Operators' reads: a server-side statement timeout, and at most this many analytics
+    # reads (fleet, one vehicle, series) at once; the others wait READ_QUEUE_TIMEOUT_S for a
+    # turn, then get 503 + Retry-After. What PostgreSQL spends on reads is bounded; the
+    # write path has connections of its own.
+    analytics_statement_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    analytics_max_concurrent: int = Field(default=2, ge=1, le=64)
+    read_queue_timeout_s: float = Field(default=2.0, gt=0, le=60)
 
     alert_efficiency_threshold: float = Field(default=0.85, ge=0)
     analytics_default_window_h: int = Field(default=24, ge=1)

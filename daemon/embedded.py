@@ -182,7 +182,13 @@ class EmbeddedPostgres:
     with `tls`, it takes only TLS connections over TCP."""
 
     def __init__(
-        self, root: Path, *, port: int, fsync: bool = True, tls: ServerTls | None = None
+        self,
+        root: Path,
+        *,
+        port: int,
+        fsync: bool = True,
+        tls: ServerTls | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.owner = run_as("postgres")
         self.root = owned_folder(root, self.owner)
@@ -192,6 +198,7 @@ class EmbeddedPostgres:
         self._wanted_port = port
         self._fsync = fsync
         self._tls = tls
+        self._settings = settings or {}  # more server settings, after (over) the ones above
         self.port = 0
         self._bin = postgres_bindir()
 
@@ -202,6 +209,10 @@ class EmbeddedPostgres:
     def start(self) -> str:
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
+        if not self.sockets.exists():  # (a data folder made by pg_basebackup, say)
+            self.sockets.mkdir()
+            if self.owner.is_other:
+                os.chown(self.sockets, self.owner.uid, self.owner.gid)
         running = self._running_port()
         if running is not None:
             self.port = running
@@ -215,12 +226,17 @@ class EmbeddedPostgres:
         return self.dsn
 
     def stop(self) -> None:
-        result = _run(
-            [str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-            self.owner,
-        )
+        result = self.pg_ctl("-m", "fast", "-w", "stop")
         if result.returncode not in (0, 3):  # 3: was not running
             log.warning("pg_ctl stop: %s", result.stderr.strip())
+
+    def pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`pg_ctl -D <data> ARGS` as the cluster's owner (promote, stop...)."""
+        return _run([str(self._bin / "pg_ctl"), "-D", str(self.data), *args], self.owner)
+
+    def run_tool(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Another of PostgreSQL's programs (pg_basebackup...) as the cluster's owner."""
+        return _run([str(self._bin / tool), *args], self.owner)
 
     def _initdb(self) -> None:
         self.data.mkdir(exist_ok=True)
@@ -267,6 +283,7 @@ class EmbeddedPostgres:
         if self._tls is not None:
             cert, key = self._tls_files()
             options += ["-c ssl=on", f"-c ssl_cert_file={cert}", f"-c ssl_key_file={key}"]
+        options += [f"-c {name}={value}" for name, value in self._settings.items()]
         args = [
             str(self._bin / "pg_ctl"),
             "-D",

@@ -38,6 +38,7 @@ LAG_BUCKETS_S = (
 )
 FLUSH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000)
 FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class BulkHistogram(Collector):
@@ -190,7 +191,9 @@ class Metrics:
             registry=r,
         )
         self.database_up = Gauge(
-            "energy_ingest_database_up", "1 when the last flush reached PostgreSQL", registry=r
+            "energy_ingest_database_up",
+            "0 while a flush is retrying because PostgreSQL is away or refuses writes",
+            registry=r,
         )
         self.broker_connected = Gauge(
             "energy_ingest_broker_connected", "1 while connected to the MQTT broker", registry=r
@@ -239,7 +242,30 @@ class Metrics:
             "as rejections",
             registry=r,
         )
-        self.database_up.set(1)
+        self.event_loop_lag = Histogram(
+            "energy_ingest_event_loop_lag_seconds",
+            "How late the event loop ran a timer due now (sampled every 10 ms): the time "
+            "every MQTT message, flush and HTTP request waited for its turn",
+            buckets=LOOP_LAG_BUCKETS_S,
+            registry=r,
+        )
+        self.event_loop_lag_max = Gauge(
+            "energy_ingest_event_loop_lag_max_seconds",
+            "The longest event-loop lag seen over the last minute",
+            registry=r,
+        )
+        self.reads_in_flight = Gauge(
+            "energy_ingest_reads_in_flight",
+            "Operators' reads holding a read connection now",
+            registry=r,
+        )
+        self.reads_refused = Counter(
+            "energy_ingest_reads_refused",
+            "Operators' reads answered 503: busy (no turn or connection within "
+            "READ_QUEUE_TIMEOUT_S), statement_timeout, database (unreachable or failing)",
+            ["reason"],
+            registry=r,
+        )
         self.stored_rate = RecentRate()  # new readings committed, per second
 
     def watch_http(self, limits: HttpCounts) -> None:

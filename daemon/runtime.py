@@ -1,4 +1,5 @@
-"""What the HTTP side sees of a running daemon: the pool, the writer and the broker link."""
+"""What the HTTP side sees of a running daemon: its pools, the writer and the state of each
+link (database, replica, broker, partition upkeep)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from daemon.config import Settings
+from daemon.probe import DatabaseStatus
 from daemon.readings import Limits
 from daemon.upkeep import UpkeepStatus
 from daemon.writer import Writer
@@ -22,8 +24,11 @@ class BrokerStatus:
 @dataclass(slots=True)
 class Runtime:
     settings: Settings
-    pool: asyncpg.Pool
     writer: Writer
     limits: Limits
+    read_pool: asyncpg.Pool  # operators' reads (the replica's, when there is one)
+    control_pool: asyncpg.Pool  # the primary's, for links
     broker_status: Callable[[], BrokerStatus]
     upkeep_status: Callable[[], UpkeepStatus]
+    database_status: Callable[[], DatabaseStatus]
+    replica_status: Callable[[], DatabaseStatus | None] = lambda: None

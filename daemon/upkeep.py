@@ -5,7 +5,12 @@ Partition upkeep runs every UPKEEP_INTERVAL_S, and at once (at most every
 UPKEEP_SOONEST_S) when a flush fails for a reason of the database's own, such as a missing
 partition: readings held back for that are retried as soon as it succeeds. A failing upkeep
 is on /health and in the metrics, not only in the log: past PARTITION_LOOKAHEAD_DAYS it would
-stop every write.
+stop every write. It is tried again with back-off (UPKEEP_RETRY_FIRST_S doubling to
+UPKEEP_RETRY_MAX_S) until it succeeds, not at the next hourly round: an outage of the
+database that spans an upkeep run leaves /health red for seconds after it, not an hour.
+
+Trimming the rejections is tried every TRIM_EVERY_S while rejections were written, until it
+succeeds.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from db.rejections import trim_rejections
 log = logging.getLogger(__name__)
 
 UPKEEP_SOONEST_S = 10.0
+UPKEEP_RETRY_FIRST_S = 1.0
+UPKEEP_RETRY_MAX_S = 10.0
 TRIM_EVERY_S = 1.0
 
 
@@ -70,31 +77,46 @@ class Housekeeping:
         await asyncio.gather(self._partitions(), self._rejection_bound())
 
     async def _partitions(self) -> None:
+        wait_s = float(self._settings.upkeep_interval_s)
+        retry_s = UPKEEP_RETRY_FIRST_S
         while True:
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.upkeep_interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait_s)
+                woken = True
             self._wake.clear()
-            await asyncio.sleep(max(0.0, self._last_run + UPKEEP_SOONEST_S - time.monotonic()))
+            if woken:  # (a flush failing again and again runs upkeep once every 10 s)
+                await asyncio.sleep(max(0.0, self._last_run + UPKEEP_SOONEST_S - time.monotonic()))
             self._last_run = time.monotonic()
-            await self.partitions_once()
+            if await self.partitions_once():
+                wait_s, retry_s = float(self._settings.upkeep_interval_s), UPKEEP_RETRY_FIRST_S
+            else:
+                wait_s, retry_s = retry_s, min(retry_s * 2, UPKEEP_RETRY_MAX_S)
 
-    async def partitions_once(self) -> None:
+    async def partitions_once(self) -> bool:
+        """One run of partition upkeep; False if it failed (the status says why)."""
         try:
             async with self._pool.acquire() as conn:
                 await run_upkeep(conn, self._settings)
         except Exception as error:  # the next round tries again; writes go on meanwhile
             self._metrics.upkeep_failures.inc()
-            if self.status.ok:
+            first = self.status.ok
+            if first:
                 self.status.failing_since = time.time()
             self.status.ok = False
             self.status.detail = f"partition upkeep failing: {error.__class__.__name__}: {error}"
-            log.warning("%s", self.status.detail)
-            return
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%s (trying again with back-off)",
+                self.status.detail,
+            )
+            return False
         if not self.status.ok:
             log.info("partition upkeep works again")
         self.status = UpkeepStatus()
         self._metrics.upkeep_last_success.set(time.time())
         self._writer.retry_held_now()
+        return True
 
     async def _rejection_bound(self) -> None:
         """Keep the newest REJECTIONS_MAX_ROWS rejections; count what goes."""

@@ -89,9 +89,10 @@ class Writer:
         self._work = asyncio.Event()
         self._enough = asyncio.Event()
         self._stopping = False
-        # Optimistic until a flush fails: HTTP answers 503 at once while this is False.
-        self.database_ok = True
+        # Flushes retrying a failure of the database's (TransientFailure) right now.
+        self._retrying = 0
         self.metrics = metrics or Metrics()
+        self.metrics.database_up.set_function(lambda: 1 if self.database_ok else 0)
         self.metrics.buffer_depth.set_function(lambda: self.depth)
         self.metrics.held_readings.set_function(lambda: self.held_readings)
         self.room_listeners: list[Callable[[], None]] = []
@@ -114,6 +115,13 @@ class Writer:
     def depth(self) -> int:
         """Readings held in memory: waiting, being written, or held back."""
         return self._pending_readings + self._inflight_readings + self.held_readings
+
+    @property
+    def database_ok(self) -> bool:
+        """False while a flush is retrying because the database is away or refusing writes
+        (HTTP answers 503 at once meanwhile); True again once no flush is retrying, whether
+        or not anything came to write since."""
+        return self._retrying == 0
 
     @property
     def full(self) -> bool:
@@ -283,20 +291,27 @@ class Writer:
     async def _commit(self, submissions: list[Submission]) -> None:
         """Commit; retry while the database is away; separate what it keeps refusing."""
         backoff = BACKOFF_FIRST_S
-        while True:
-            failure = await self._attempt(submissions)
-            if failure is None:
-                return
-            if isinstance(failure, DataFailure):
-                await self._isolate(submissions, failure)
-                return
-            if isinstance(failure, PersistentFailure):
-                await self._separate(submissions, failure)
-                return
-            self._set_database_ok(False)
-            self._report(failure, f"retrying {len(submissions)} submissions with back-off")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        retrying = False
+        try:
+            while True:
+                failure = await self._attempt(submissions)
+                if failure is None:
+                    return
+                if isinstance(failure, DataFailure):
+                    await self._isolate(submissions, failure)
+                    return
+                if isinstance(failure, PersistentFailure):
+                    await self._separate(submissions, failure)
+                    return
+                if not retrying:
+                    retrying = True
+                    self._retrying += 1
+                self._report(failure, f"retrying {len(submissions)} submissions with back-off")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+        finally:
+            if retrying:
+                self._retrying -= 1
 
     async def _attempt(self, submissions: Sequence[Submission]) -> DatabaseFailure | None:
         """One transaction; settles the submissions on success, else returns why not."""
@@ -309,20 +324,23 @@ class Writer:
                 for listener in self.failure_listeners:
                     listener(failure)
             return failure
-        self._set_database_ok(True)
         settle(submissions, stored, self.metrics)
         return None
-
-    def _set_database_ok(self, ok: bool) -> None:
-        self.database_ok = ok
-        self.metrics.database_up.set(1 if ok else 0)
 
     async def _transaction(self, submissions: Sequence[Submission]) -> dict[str, Stored]:
         batch = batch_of(submissions)
         started = time.perf_counter()
         try:
             async with self._pool.acquire() as conn:
-                stored = await flush_batch(conn, batch)
+                try:
+                    stored = await flush_batch(conn, batch)
+                except Exception as error:
+                    failure = classify(error)
+                    if failure.wrong_server:  # the next connection looks for the primary
+                        conn.terminate()
+                    raise failure from error
+        except DatabaseFailure:
+            raise
         except Exception as error:
             raise classify(error) from error
         self.rejections_written += len(batch.rejections)

@@ -11,16 +11,21 @@ window share the window's pieces; one that starts or ends inside it is summed ov
 hours and edges. One vehicle and the fleet run the same statement (the vehicle's names it),
 so their numbers agree; the cost depends on the window and the fleet's size, not on how much
 history is stored.
+
+PostgreSQL also gathers each vehicle's figures, orders the fleet (worst efficiency first),
+filters it and cuts the page after the cursor's key: the daemon's work for a page is in
+proportion to the page, not to the fleet.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
+from db.pool import ReadConnection, read_settings
 from db.tables import METER, SESSIONS, VEHICLE
 from db.windows import HOURLY, RAW, Piece
 
@@ -35,27 +40,26 @@ FIRST_PIECE_PARAM = 3
 
 
 async def read(
-    conn: asyncpg.Connection, sql: str, *args: Any, generic: bool = False
+    conn: asyncpg.Connection, sql: str, *args: Any, plan: str | None = None
 ) -> list[asyncpg.Record]:
-    """An analytics statement in a read-only transaction of its own, with settings for it
-    alone (SET LOCAL ends with the transaction: nothing stays on the connection, through a
-    transaction pooler too):
+    """An analytics statement, with what operators' reads run with (`db.pool.read_settings`:
+    the statement timeout, no JIT, generic plans; `plan` overrides the plan cache mode).
 
-    - no JIT compilation: the fleet's statement passes `jit_above_cost` and spent 50-150 ms
-      of a 200 ms answer compiling itself (BENCHMARKS.md, fleet);
-    - `generic`, for one vehicle's statements: the prepared statement's generic plan, whose
-      partitions are pruned when it runs. PostgreSQL's own choice compares the generic plan's
-      cost, counted over *every* partition, with a plan made for the parameters, and so
-      planned again at every call once a month of partitions existed: 2.5 ms a call with 30
-      days stored against 0.4 ms with one (BENCHMARKS.md, analytics).
-    """
-    settings = "SET LOCAL jit = off"
-    if generic:
-        settings += "; SET LOCAL plan_cache_mode = force_generic_plan"
+    A read pool's connections carry those settings in their session: one round trip. Through
+    a transaction pooler there is no session to keep them in (nor on a connection of another
+    kind): the statement runs in a read-only transaction of its own that sets them (SET LOCAL
+    ends with it), three round trips more."""
+    in_session = isinstance(conn, ReadConnection) and conn.in_session
+    if in_session and plan is None:
+        return cast(list[asyncpg.Record], await conn.fetch(sql, *args))
+    settings = conn.settings if isinstance(conn, ReadConnection) else read_settings(None)
+    if in_session:
+        settings = {}
+    if plan is not None:
+        settings = {**settings, "plan_cache_mode": plan}
     async with conn.transaction(readonly=True):
-        await conn.execute(settings)
-        records: list[asyncpg.Record] = await conn.fetch(sql, *args)
-        return records
+        await conn.execute("; ".join(f"SET LOCAL {k} = '{v}'" for k, v in settings.items()))
+        return cast(list[asyncpg.Record], await conn.fetch(sql, *args))
 
 
 def ceil_hour_sql(column: str) -> str:
@@ -108,7 +112,7 @@ def _window_sql(window: list[Piece], *, one_vehicle: bool) -> str:
         },
     )
     return f"""
-WITH dc AS (
+dc AS (
     SELECT vehicle_id, sum(kwh) AS kwh, sum(n)::bigint AS n, sum(temp) AS temp
     FROM ({dc_parts}
     ) parts (vehicle_id, kwh, n, temp) GROUP BY vehicle_id
@@ -156,21 +160,81 @@ ac AS (
     SELECT l.vehicle_id, l.meter_id, coalesce(p.kwh, 0), coalesce(p.n, 0)
     FROM (SELECT DISTINCT vehicle_id, meter_id FROM iv WHERE NOT whole) l
     LEFT JOIN partial p USING (vehicle_id, meter_id)
-)
-SELECT coalesce(dc.vehicle_id, ac.vehicle_id) AS vehicle_id,
-       coalesce(dc.kwh, 0) AS dc_kwh, coalesce(dc.n, 0) AS vehicle_readings,
-       dc.temp AS battery_temp_sum, ac.meter_id, ac.kwh AS ac_kwh, ac.n AS meter_readings
-FROM dc FULL JOIN ac USING (vehicle_id)"""
+),
+{FIGURES}"""
 
 
-VEHICLE_KNOWN = f"""
-SELECT EXISTS (SELECT 1 FROM {VEHICLE.latest} WHERE vehicle_id = $1)
-    OR EXISTS (SELECT 1 FROM {SESSIONS} WHERE vehicle_id = $1)"""
+# One row per vehicle: its DC figures and the AC of each of its meters, a meter once however
+# many of its sessions the window holds. An hour's roll-up minus the readings outside the
+# window can leave a float's last bit where no reading is: with no reading, no energy.
+FIGURES = """per_meter AS (
+    SELECT vehicle_id, meter_id, sum(CASE WHEN n > 0 THEN kwh ELSE 0 END) AS kwh,
+           sum(n)::bigint AS n
+    FROM ac GROUP BY vehicle_id, meter_id
+),
+ac_total AS (
+    SELECT vehicle_id, sum(kwh) AS kwh, sum(n)::bigint AS n,
+           array_agg(meter_id ORDER BY meter_id COLLATE "C") AS meter_ids,
+           array_agg(kwh ORDER BY meter_id COLLATE "C") AS meter_kwh,
+           array_agg(n ORDER BY meter_id COLLATE "C") AS meter_counts
+    FROM per_meter GROUP BY vehicle_id
+),
+figures AS (
+    SELECT coalesce(dc.vehicle_id, a.vehicle_id) AS vehicle_id,
+           CASE WHEN dc.n > 0 THEN dc.kwh ELSE 0 END AS dc_kwh,
+           coalesce(dc.n, 0) AS vehicle_readings,
+           CASE WHEN dc.n > 0 THEN dc.temp END AS battery_temp_sum,
+           coalesce(a.kwh, 0) AS ac_kwh, coalesce(a.n, 0) AS meter_readings,
+           a.meter_ids, a.meter_kwh, a.meter_counts
+    FROM dc FULL JOIN ac_total a USING (vehicle_id)
+)"""
+
+KNOWN = f"""EXISTS (SELECT 1 FROM {VEHICLE.latest} WHERE vehicle_id = {{vehicle}})
+    OR EXISTS (SELECT 1 FROM {SESSIONS} WHERE vehicle_id = {{vehicle}})"""
+VEHICLE_KNOWN = f"SELECT {KNOWN.format(vehicle='$1')}"
 
 
 async def vehicle_known(conn: asyncpg.Connection, vehicle_id: str) -> bool:
     """Has the vehicle reported, or been linked to a meter?"""
     return bool(await conn.fetchval(VEHICLE_KNOWN, vehicle_id))
+
+
+def vehicle_sql(window: list[Piece]) -> str:
+    """One vehicle's figures, and whether it is known at all, in one statement: one row."""
+    vehicle = f"${FIRST_PIECE_PARAM + 2 * len(window)}"
+    return f"""
+WITH {_window_sql(window, one_vehicle=True)}
+SELECT {KNOWN.format(vehicle=vehicle)} AS known, f.*
+FROM (SELECT 1) one LEFT JOIN figures f ON true"""
+
+
+def fleet_sql(window: list[Piece]) -> str:
+    """A page of the fleet, worst efficiency first (no AC last, then by id, byte order), cut
+    after a key in PostgreSQL; and the fleet's count. Parameters after the pieces: alert
+    only, the threshold, the key to start after (group, ratio, id), the page's size. A row
+    always comes back: with the count alone when the page is empty."""
+    n = FIRST_PIECE_PARAM + 2 * len(window)
+    alert, threshold, group, ratio, after, limit = (f"${n + i}" for i in range(6))
+    return f"""
+WITH {_window_sql(window, one_vehicle=False)},
+ranked AS (
+    SELECT f.*, CASE WHEN ac_kwh > 0 THEN 0 ELSE 1 END AS rank_group,
+           CASE WHEN ac_kwh > 0 THEN dc_kwh / ac_kwh ELSE 0 END AS rank_ratio,
+           vehicle_id COLLATE "C" AS rank_id
+    FROM figures f WHERE vehicle_readings > 0 OR meter_readings > 0
+),
+listed AS (
+    SELECT * FROM ranked
+    WHERE NOT {alert}::bool OR (rank_group = 0 AND rank_ratio < {threshold}::float8)
+)
+SELECT t.total, p.* FROM (SELECT count(*) AS total FROM listed) t
+LEFT JOIN LATERAL (
+    SELECT * FROM listed
+    WHERE (rank_group, rank_ratio, rank_id)
+        > ({group}::int, {ratio}::float8, {after}::text COLLATE "C")
+    ORDER BY rank_group, rank_ratio, rank_id LIMIT {limit}
+) p ON true
+ORDER BY p.rank_group, p.rank_ratio, p.rank_id"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,11 +250,8 @@ class VehicleWindow:
     dc_kwh: float
     vehicle_readings: int
     battery_temp_sum: float | None
+    ac_kwh: float
     meters: list[MeterTotal]
-
-    @property
-    def ac_kwh(self) -> float:
-        return sum(m.ac_kwh for m in self.meters)
 
     @property
     def avg_battery_temp(self) -> float | None:
@@ -198,54 +259,32 @@ class VehicleWindow:
             return None
         return self.battery_temp_sum / self.vehicle_readings
 
-
-def _energy(kwh: float, readings: int) -> float:
-    # An hour's roll-up minus the readings outside the window can leave a float's last bit
-    # where no reading is: with no reading there is no energy.
-    return float(kwh) if readings else 0.0
+    @property
+    def meter_readings(self) -> int:
+        return sum(m.readings for m in self.meters)
 
 
-def _merged(meters: list[MeterTotal]) -> list[MeterTotal]:
-    """One line per meter, in id order (one meter can serve a vehicle in two sessions of
-    the window)."""
-    if len(meters) < 2:
-        return meters
-    merged: dict[str, MeterTotal] = {}
-    for m in meters:
-        seen = merged.get(m.meter_id)
-        merged[m.meter_id] = (
-            m
-            if seen is None
-            else MeterTotal(m.meter_id, seen.readings + m.readings, seen.ac_kwh + m.ac_kwh)
+# (A fleet's page is turned into figures row by row: columns by position.)
+_ID, _DC, _DC_N, _TEMP, _AC, _, _METER_IDS, _METER_KWH, _METER_N = range(9)
+
+
+def vehicle_of(record: asyncpg.Record, offset: int = 0) -> VehicleWindow:
+    """A row of `figures` (its columns from `offset` on) as a vehicle's totals."""
+    ids = record[offset + _METER_IDS] or ()
+    meters = [
+        MeterTotal(meter_id, int(n), float(kwh))
+        for meter_id, kwh, n in zip(
+            ids, record[offset + _METER_KWH] or (), record[offset + _METER_N] or (), strict=True
         )
-    return [merged[m] for m in sorted(merged)]
-
-
-def _vehicles(records: list[asyncpg.Record]) -> list[VehicleWindow]:
-    """Rows of (vehicle, meter) gathered by vehicle. (Run for every vehicle of a fleet on
-    every request: columns by position, one pass.)"""
-    rows: dict[str, tuple[asyncpg.Record, list[MeterTotal]]] = {}
-    for record in records:
-        vehicle_id, _, _, _, meter_id, ac_kwh, meter_readings = record
-        found = rows.get(vehicle_id)
-        if found is None:
-            found = rows[vehicle_id] = (record, [])
-        if meter_id is not None:
-            n = int(meter_readings)
-            found[1].append(MeterTotal(meter_id, n, _energy(ac_kwh, n)))
-    vehicles = []
-    for vehicle_id, (record, meters) in rows.items():
-        readings = int(record[2])
-        vehicles.append(
-            VehicleWindow(
-                vehicle_id,
-                _energy(record[1], readings),
-                readings,
-                record[3] if readings else None,
-                _merged(meters),
-            )
-        )
-    return vehicles
+    ]
+    return VehicleWindow(
+        record[offset + _ID],
+        float(record[offset + _DC]),
+        int(record[offset + _DC_N]),
+        record[offset + _TEMP],
+        float(record[offset + _AC]),
+        meters,
+    )
 
 
 def _args(window: list[Piece], start: datetime, end: datetime) -> list[Any]:
@@ -260,17 +299,50 @@ async def vehicle_window(
     end: datetime,
 ) -> VehicleWindow | None:
     """The vehicle's totals over [start, end), or None for a vehicle never seen."""
-    if not await vehicle_known(conn, vehicle_id):
+    sql = vehicle_sql(window)
+    (record,) = await read(conn, sql, *_args(window, start, end), vehicle_id)
+    if not record["known"]:
         return None
-    sql = _window_sql(window, one_vehicle=True)
-    found = _vehicles(await read(conn, sql, *_args(window, start, end), vehicle_id, generic=True))
-    return found[0] if found else VehicleWindow(vehicle_id, 0.0, 0, None, [])
+    if record["vehicle_id"] is None:
+        return VehicleWindow(vehicle_id, 0.0, 0, None, 0.0, [])
+    return vehicle_of(record, offset=1)
 
 
-async def fleet_window(
-    conn: asyncpg.Connection, window: list[Piece], start: datetime, end: datetime
-) -> list[VehicleWindow]:
-    """Every vehicle with readings in [start, end), of its own or of a meter linked to it."""
-    records = await read(conn, _window_sql(window, one_vehicle=False), *_args(window, start, end))
-    vehicles = _vehicles(records)
-    return [v for v in vehicles if v.vehicle_readings or any(m.readings for m in v.meters)]
+SortKey = tuple[int, float, str]
+FIRST_KEY: SortKey = (-1, 0.0, "")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPage:
+    total: int  # vehicles listed, over every page
+    rows: list[asyncpg.Record]  # `figures` columns from FLEET_OFFSET on, then the sort key
+    more: bool  # rows beyond this page
+
+    def key(self, record: asyncpg.Record) -> SortKey:
+        return (record["rank_group"], record["rank_ratio"], record["rank_id"])
+
+
+FLEET_OFFSET = 1  # (the count comes first)
+
+
+async def fleet_page(
+    conn: asyncpg.Connection,
+    window: list[Piece],
+    start: datetime,
+    end: datetime,
+    *,
+    alert_below: float | None,
+    after: SortKey,
+    limit: int,
+) -> FleetPage:
+    """The vehicles with readings in [start, end), of their own or of a meter linked to them,
+    worst first, after `after`: at most `limit`. With `alert_below`, only those under it."""
+    sql = fleet_sql(window)
+    alert = alert_below is not None
+    args = [*_args(window, start, end), alert, alert_below or 0.0, *after, limit + 1]
+    # PostgreSQL's own choice of plan: the fleet's statement is planned in a millisecond of
+    # hundreds, and its best plan (parallel or not) depends on the window's size.
+    records = await read(conn, sql, *args, plan="auto")
+    total = int(records[0]["total"])
+    rows = [r for r in records if r["vehicle_id"] is not None]
+    return FleetPage(total, rows[:limit], len(rows) > limit)

@@ -8,10 +8,12 @@ DatabaseFailure
  │                      class 23 naming the constraint or column at fault. Split the batch
  │                      until the reading stands alone; reject it; write the rest.
  ├── TransientFailure   the database is away or busy: connection lost (class 08, and no
- │                      connection at all), shutting down (57P01-57P03), serialization or
- │                      deadlock (40), out of resources (53: disk full, memory, connections),
- │                      lock or statement timeout (55P03, 57014). Retry the same batch after
- │                      a back-off.
+ │                      connection at all), no host taking writes (a failover under way),
+ │                      a read-only node (25006: a standby, or a primary set read-only; the
+ │                      connection is dropped, so the next one finds the primary),
+ │                      shutting down (57P01-57P03), serialization or deadlock (40), out of
+ │                      resources (53: disk full, memory, connections), lock or statement
+ │                      timeout (55P03, 57014). Retry the same batch after a back-off.
  └── PersistentFailure  the database is there but refuses the batch for a reason of its own:
                         no partition for a row (23514 naming no constraint), permissions
                         (42501), a table or column missing (schema drift, 42P01 / 42703),
@@ -23,9 +25,11 @@ DatabaseFailure
 from __future__ import annotations
 
 import asyncpg
+from asyncpg.exceptions import TargetServerAttributeNotMatched
 
 _TRANSIENT_CLASSES = ("08", "40", "53")
-_TRANSIENT_STATES = ("57P01", "57P02", "57P03", "55P03", "57014")
+READ_ONLY = "25006"  # read_only_sql_transaction
+_TRANSIENT_STATES = ("57P01", "57P02", "57P03", "55P03", "57014", READ_ONLY)
 
 
 class DatabaseFailure(Exception):
@@ -33,6 +37,12 @@ class DatabaseFailure(Exception):
         super().__init__(detail)
         self.detail = detail
         self.sqlstate = sqlstate
+
+    @property
+    def wrong_server(self) -> bool:
+        """The connection leads to a server that cannot take writes (a standby, or one set
+        read-only): drop it, so that the next connection looks for the primary."""
+        return self.sqlstate == READ_ONLY
 
     @property
     def cause(self) -> str:
@@ -57,8 +67,12 @@ def classify(error: BaseException) -> DatabaseFailure:
     """Map an exception raised while talking to PostgreSQL onto how to handle it."""
     detail = f"{error.__class__.__name__}: {error}"
     if not isinstance(error, asyncpg.PostgresError):
-        # No answer from PostgreSQL (connection refused or lost, a timeout): it is away.
-        if isinstance(error, OSError | TimeoutError | asyncpg.InterfaceError):
+        # No answer from PostgreSQL (connection refused or lost, a timeout), or no host of a
+        # multi-host URL that takes writes (between a primary's loss and a promotion).
+        if isinstance(
+            error,
+            OSError | TimeoutError | asyncpg.InterfaceError | TargetServerAttributeNotMatched,
+        ):
             return TransientFailure(detail)
         return PersistentFailure(detail)
     sqlstate = getattr(error, "sqlstate", None) or ""

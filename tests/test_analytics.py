@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
-from db.analytics import _args, _window_sql
+from db.analytics import FIRST_KEY, _args, fleet_sql, vehicle_sql
 from db.rollup import rebuild
-from db.windows import HOUR, pieces
+from db.windows import HOUR, Piece, pieces
 from tests.conftest import fresh_database
 from tests.helpers import iso
 from tests.services import DaemonProcess, Publisher
@@ -224,6 +224,15 @@ def scanned(plan: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
+def statement(
+    split: list[Piece], window: tuple[datetime, datetime], one_vehicle: bool
+) -> tuple[str, list[Any]]:
+    """One vehicle's statement (V7), or the fleet's first page, with their parameters."""
+    if one_vehicle:
+        return vehicle_sql(split), [*_args(split, *window), "V7"]
+    return fleet_sql(split), [*_args(split, *window), False, 0.0, *FIRST_KEY, 101]
+
+
 async def test_analytics_plan_reads_only_the_window_partitions_from_the_index(
     postgres: EmbeddedPostgres,
 ) -> None:
@@ -246,8 +255,7 @@ async def test_analytics_plan_reads_only_the_window_partitions_from_the_index(
         partition = f"_p{day:%Y%m%d}"
         split = pieces(*window, now=datetime.now(UTC))
         for one_vehicle in (True, False):
-            sql = _window_sql(split, one_vehicle=one_vehicle)
-            args = [*_args(split, *window), *(["V7"] if one_vehicle else [])]
+            sql, args = statement(split, window, one_vehicle)
             raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
             nodes = scanned(json.loads(raw)[0]["Plan"])
             stored = [
@@ -274,8 +282,7 @@ async def test_analytics_answer_does_not_grow_with_history(postgres: EmbeddedPos
         split = pieces(*window, now=datetime.now(UTC))
 
         async def buffers(one_vehicle: bool) -> int:
-            sql = _window_sql(split, one_vehicle=one_vehicle)
-            args = [*_args(split, *window), *(["V7"] if one_vehicle else [])]
+            sql, args = statement(split, window, one_vehicle)
             raw = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
             plan = json.loads(raw)[0]["Plan"]
             return int(plan["Shared Hit Blocks"] + plan["Shared Read Blocks"])

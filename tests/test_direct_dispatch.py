@@ -15,6 +15,7 @@ import pytest
 from api.app import App, create_app
 from api.openapi import ENDPOINTS
 from daemon.config import Settings
+from daemon.probe import DatabaseStatus
 from daemon.readings import Limits
 from daemon.runtime import BrokerStatus, Runtime
 from daemon.upkeep import UpkeepStatus
@@ -69,11 +70,13 @@ async def app(request: pytest.FixtureRequest, db_url: str) -> AsyncIterator[App]
     task = asyncio.create_task(writer.run())
     runtime = Runtime(
         settings=settings,
-        pool=pool,
         writer=writer,
         limits=Limits(retention=timedelta(days=30), future_skew=timedelta(minutes=5)),
+        read_pool=pool,
+        control_pool=pool,
         broker_status=lambda: BrokerStatus(True, ""),
         upkeep_status=UpkeepStatus,
+        database_status=lambda: DatabaseStatus("up", ""),
     )
     yield create_app(runtime)
     writer.stop()

@@ -128,10 +128,14 @@ def test_overview_while_the_database_is_down_still_answers_with_the_reason(
         daemon.start()
         try:
             pg.stop()
-            response = daemon.get("/v1/overview")
+            # (/health and the overview tell what the probe found, asking every second.)
+            response = wait_until(
+                lambda: (r := daemon.get("/v1/overview")).json()["database"]["ok"] is False and r
+            )
             assert response.status_code == 200
             body = response.json()
-            assert not body["database"]["ok"] and body["database"]["detail"]
+            assert not body["database"]["ok"] and body["database"]["state"] == "down"
+            assert body["database"]["detail"] and body["countsDetail"]
             assert body["devicesSeen"]["meters"] is None and body["rejections"]["count"] is None
             assert body["broker"]["ok"]
         finally:
