@@ -10,6 +10,10 @@ Control packets (CONNACK, SUBACK, PINGRESP, DISCONNECT) are read and acted on al
 daemon's buffer is full: PUBLISH packets then wait here, in arrival order, and only past
 `BACKLOG_MAX_MESSAGES` or `BACKLOG_MAX_BYTES` of them does the connection stop reading the
 socket (a CONNACK, first on a connection, is always read).
+
+At most DELIVER_PER_TURN messages are handed over in one turn of the event loop; the rest
+wait here, in order, for the next turn: a chunk of a stored backlog (a thousand messages in
+one read) never holds the loop that HTTP and the flushes' acknowledgements share.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ BACKLOG_MAX_BYTES = 8 * 1024 * 1024
 # A CONNACK of MQTT 3.1.1 has a remaining length of 2 (flags, return code); an MQTT 5 one
 # always carries a property length too, so it is never that short.
 V311_CONNACK_HEADER = b"\x20\x02"
+# About 5 ms of the loop's time (BENCHMARKS.md, operators).
+DELIVER_PER_TURN = 256
 
 
 class BrokerTooOld(Exception):
@@ -81,6 +87,8 @@ class Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._backlog: deque[mqtt5.PublishPacket] = deque()
         self._backlog_bytes = 0
+        self._delivered_this_turn = 0
+        self._hand_over_scheduled = False
         self._outgoing: list[bytes] = []
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -91,6 +99,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = time.monotonic()
+        self._delivered_this_turn = 0
         self._buffer += data
         if not self.connack.done() and self._buffer.startswith(V311_CONNACK_HEADER):
             if len(self._buffer) >= 4:
@@ -142,7 +151,11 @@ class Connection(asyncio.Protocol):
         if isinstance(packet, mqtt5.PublishPacket):
             if self.owner.paused or self._backlog:
                 self._hold(packet)
+            elif self._delivered_this_turn >= DELIVER_PER_TURN:
+                self._hold(packet)
+                self._hand_over_soon()
             else:
+                self._delivered_this_turn += 1
                 self._deliver(packet)
         elif isinstance(packet, mqtt5.PingRespPacket):
             self.ping_sent_at = None
@@ -179,13 +192,28 @@ class Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
 
+    def _hand_over_soon(self) -> None:
+        if not self._hand_over_scheduled:
+            self._hand_over_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._hand_over_scheduled = False
+        self.hand_over_backlog()
+
     def hand_over_backlog(self) -> None:
-        """Deliver held messages until the owner pauses again; read more once they fit."""
+        """Deliver held messages (at most DELIVER_PER_TURN now, the rest in the next turns)
+        until the owner pauses again; read more once they fit."""
         backlog = self._backlog
+        handed = 0
         while backlog and not self.owner.paused and not self.closing:
+            if handed >= DELIVER_PER_TURN:
+                self._hand_over_soon()
+                break
             packet = backlog.popleft()
             self._backlog_bytes -= len(packet.payload)
             self._deliver(packet)
+            handed += 1
         if (
             self.reading_paused
             and len(backlog) <= BACKLOG_MAX_MESSAGES // 2

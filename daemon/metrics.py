@@ -254,6 +254,13 @@ class Metrics:
             "The longest event-loop lag seen over the last minute",
             registry=r,
         )
+        self.event_loop_held = Counter(
+            "energy_ingest_event_loop_lags_over_budget",
+            "Event-loop lags over 20 ms, by cause: the loop was running code for most of the "
+            "wait (running), or the process had no CPU (waiting for a CPU)",
+            ["cause"],
+            registry=r,
+        )
         self.reads_in_flight = Gauge(
             "energy_ingest_reads_in_flight",
             "Operators' reads holding a read connection now",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from simulator.bench_analytics import analytics
 from simulator.bench_fleet import fleet, series
 from simulator.bench_http import http
 from simulator.bench_mqtt import drain, live
+from simulator.bench_operators import operators
 from simulator.benchkit import Result, services
 
 SCENARIOS = (
@@ -19,10 +21,11 @@ SCENARIOS = (
     "analytics",
     "fleet",
     "series",
+    "operators",
 )
 
 # Runs of these scenarios differ by one parameter: medians are taken per value.
-GROUP_BY = {"mqtt-live": "multiple", "analytics": "days", "fleet": "case"}
+GROUP_BY = {"mqtt-live": "multiple", "analytics": "group", "fleet": "case", "operators": "build"}
 
 HTTP_KEYS = [
     "requests_per_s",
@@ -49,9 +52,36 @@ SUMMARY_KEYS = {
     "mqtt-live": ["lag_p50_ms", "lag_p99_ms", "daemon_cpu_share", "peak_rss_mb"],
     "http-single": HTTP_KEYS,
     "http-batch": ["readings_per_s", *HTTP_KEYS],
-    "analytics": ["p50_ms", "p99_ms", "requests_per_s"],
+    "analytics": [
+        "p50_ms",
+        "p99_ms",
+        "requests_per_s",
+        "c16_requests_per_s",
+        "c16_p50_ms",
+        "c16_p99_ms",
+        "server_cpu_us_per_request",
+        "postgres_cpu_us_per_request",
+    ],
     "fleet": ["p50_ms", "p99_ms", "requests_per_s"],
     "series": ["p50_ms", "p99_ms", "requests_per_s"],
+    "operators": [
+        "lag_since_reading_p50_ms",
+        "lag_since_reading_p99_ms",
+        "lag_since_receive_p99_ms",
+        "stored_after_publisher_end_s",
+        "health_non_200",
+        "health_slowest_ms",
+        "loop_lag_max_ms",
+        "loop_samples_over_budget",
+        "loop_over_budget_running",
+        "loop_over_budget_waiting_for_cpu",
+        "fleet_requests_per_s",
+        "fleet_non_2xx",
+        "fleet_p50_ms",
+        "fleet_p99_ms",
+        "daemon_cpu_share",
+        "peak_rss_mb",
+    ],
 }
 
 
@@ -59,6 +89,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
     parser.add_argument("--runs", type=int, default=3, help="runs to take the median of")
     parser.add_argument("--short", action="store_true", help="a quick version (make bench)")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="PATH",
+        help="operators, analytics: also run the daemon of this other checkout (a build "
+        "before a change), alternating with this one's, on the same data",
+    )
+    parser.add_argument(
+        "--peer",
+        metavar="COMMAND",
+        help="analytics: also measure this server of the same route (given DATABASE_URL and "
+        "PORT), e.g. 'node scripts/peer-nestjs/dist/main.js'",
+    )
     parser.add_argument(
         "--connections",
         type=int,
@@ -94,6 +137,18 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
                 seconds=3 if short else 20,
                 runs=args.runs,
             )
+        if name == "operators":
+            return operators(
+                svc,
+                vehicles=4000 if short else 40_000,
+                hours=24,
+                step_min=30,
+                rate=3334,  # 10x the design point: 20,000 devices, a reading a minute each
+                seconds=10 if short else 60,
+                readers=20,
+                runs=args.runs,
+                compare_with=args.compare_with,
+            )
         if name == "series":
             return series(
                 svc,
@@ -110,6 +165,8 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
             step_min=5,
             seconds=3 if short else 10,
             runs=args.runs,
+            peer_command=args.peer,
+            compare_with=args.compare_with,
         )
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -54,32 +55,52 @@ def wrk(
     url: str, script: str, *, seconds: int, connections: int, threads: int = 2
 ) -> dict[str, float]:
     """Run wrk with a Lua `script` against `url`: requests/s, latency p50/p99, errors."""
+    return wrk_results(
+        wrk_process(url, script, seconds=seconds, connections=connections, threads=threads)
+    )
+
+
+@dataclass
+class WrkRun:
+    process: subprocess.Popen[str]
+    script: Path
+
+
+def wrk_process(
+    url: str, script: str, *, seconds: int, connections: int, threads: int = 2
+) -> WrkRun:
+    """wrk started in the background (answers up to a minute long are waited for)."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (make bench does it)")
     path = Path(tempfile.mkstemp(suffix=".lua")[1])
     path.write_text(script)
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "60s",
+        "--latency",
+        "-s",
+        str(path),
+        url,
+    ]
+    return WrkRun(subprocess.Popen(command, stdout=subprocess.PIPE, text=True), path)
+
+
+def wrk_results(run: WrkRun) -> dict[str, float]:
+    """Wait for wrk: requests/s, latency p50/p99, answers other than 2xx and 3xx."""
     try:
-        output = subprocess.run(
-            [
-                "wrk",
-                f"-t{threads}",
-                f"-c{connections}",
-                f"-d{seconds}s",
-                "--latency",
-                "-s",
-                str(path),
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        output, _ = run.process.communicate()
+        if run.process.returncode != 0:
+            raise RuntimeError(f"wrk failed ({run.process.returncode}): {output}")
     finally:
-        path.unlink()
+        run.script.unlink()
     requests = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return {
-        "requests_per_s": round(requests),
+        "requests_per_s": round(requests, 1),
         "p50_ms": _latency_ms(output, "50") or 0.0,
         "p99_ms": _latency_ms(output, "99") or 0.0,
         "non_2xx": float(errors[1]) if errors else 0.0,

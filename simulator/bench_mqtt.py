@@ -168,7 +168,7 @@ def live(svc: Services, *, multiples: list[int], seconds: float, runs: int) -> R
             count = int(rate * seconds)
             publisher = RawPublisher("127.0.0.1", svc.broker.port, client_id="bench-live-pub")
             cpu_before = daemon.cpu_s()
-            sent = _paced_fresh(publisher, fleet, count, rate)
+            sent = paced_fresh(publisher, fleet, count, rate)
             publisher.close()
             deadline = time.monotonic() + 60
             while accepted(daemon.metrics()) < sent and time.monotonic() < deadline:
@@ -178,10 +178,10 @@ def live(svc: Services, *, multiples: list[int], seconds: float, runs: int) -> R
                 "multiple": multiple,
                 "offered_per_s": round(rate),
                 "stored": accepted(metrics),
-                "lag_p50_ms": _ms(
+                "lag_p50_ms": ms(
                     histogram_quantile(metrics, "energy_ingest_lag_seconds", 0.5, 'since="reading"')
                 ),
-                "lag_p99_ms": _ms(
+                "lag_p99_ms": ms(
                     histogram_quantile(
                         metrics, "energy_ingest_lag_seconds", 0.99, 'since="reading"'
                     )
@@ -195,11 +195,11 @@ def live(svc: Services, *, multiples: list[int], seconds: float, runs: int) -> R
     return result
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
     return round(seconds * 1000, 1) if seconds is not None else None
 
 
-def _paced_fresh(publisher: RawPublisher, fleet: Fleet, count: int, rate: float) -> int:
+def paced_fresh(publisher: RawPublisher, fleet: Fleet, count: int, rate: float) -> int:
     """Publish `count` readings at `rate`, each stamped with the moment it is sent."""
     template_time = datetime(2000, 1, 1, tzinfo=UTC)
     placeholder = iso_ms(template_time).encode()

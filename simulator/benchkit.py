@@ -92,7 +92,10 @@ async def reset(dsn: str) -> None:
 class Daemon:
     """`energy-ingest run` as a child process, with its CPU time and peak memory."""
 
-    def __init__(self, svc: Services, **settings: Any) -> None:
+    def __init__(self, svc: Services, *, tree: Path | None = None, **settings: Any) -> None:
+        # `tree`: another checkout of the project whose daemon runs instead of this one's (a
+        # build before a change, measured beside it).
+        self.tree = tree
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -104,6 +107,8 @@ class Daemon:
             "RETENTION_DAYS": "40",
         }
         self.env.update({k.upper(): str(v) for k, v in settings.items()})
+        if tree is not None:
+            self.env["PYTHONPATH"] = str(tree)
         self.process: subprocess.Popen[bytes] | None = None
         self.profiler: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
@@ -121,7 +126,7 @@ class Daemon:
             "daemon",
             "run",
         ]
-        self.process = subprocess.Popen(command, env=self.env)
+        self.process = subprocess.Popen(command, env=self.env, cwd=self.tree)
         profile = os.environ.get("BENCH_PROFILE")  # a file for py-spy's collapsed stacks
         if profile:
             beside = Path(sys.executable).parent / "py-spy"  # in the venv, or else on PATH
@@ -156,8 +161,7 @@ class Daemon:
 
     def cpu_s(self) -> float:
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return process_cpu_s(self.process.pid)
 
     def peak_rss_mb(self) -> float:
         assert self.process is not None
@@ -177,6 +181,34 @@ class Daemon:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=60)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User and system CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds of a process and of the children it has now (PostgreSQL: the postmaster
+    and its backends). A child that ended since is not counted: measure over a stretch in
+    which the connections stay open."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            pid = int(entry.name)
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if pid == root_pid or int(fields[1]) == root_pid:
+                total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def postgres_cpu_s(pg: EmbeddedPostgres) -> float:
+    """CPU seconds of the private PostgreSQL: its postmaster and every backend."""
+    postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    return tree_cpu_s(postmaster)
 
 
 class BoxCpu:
