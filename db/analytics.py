@@ -164,30 +164,33 @@ ac AS (
 {FIGURES}"""
 
 
-# One row per vehicle: its DC figures and the AC of each of its meters, a meter once however
-# many of its sessions the window holds. An hour's roll-up minus the readings outside the
-# window can leave a float's last bit where no reading is: with no reading, no energy.
+# One row per vehicle: its DC figures and the AC of its meters, a meter once however many of
+# its sessions the window holds. An hour's roll-up minus the readings outside the window can
+# leave a float's last bit where no reading is: with no reading, no energy. (Each vehicle's
+# meters, as arrays, are gathered for the rows that come back only: `METERS`.)
 FIGURES = """per_meter AS (
     SELECT vehicle_id, meter_id, sum(CASE WHEN n > 0 THEN kwh ELSE 0 END) AS kwh,
            sum(n)::bigint AS n
     FROM ac GROUP BY vehicle_id, meter_id
 ),
 ac_total AS (
-    SELECT vehicle_id, sum(kwh) AS kwh, sum(n)::bigint AS n,
-           array_agg(meter_id ORDER BY meter_id COLLATE "C") AS meter_ids,
-           array_agg(kwh ORDER BY meter_id COLLATE "C") AS meter_kwh,
-           array_agg(n ORDER BY meter_id COLLATE "C") AS meter_counts
-    FROM per_meter GROUP BY vehicle_id
+    SELECT vehicle_id, sum(kwh) AS kwh, sum(n)::bigint AS n FROM per_meter GROUP BY vehicle_id
 ),
 figures AS (
     SELECT coalesce(dc.vehicle_id, a.vehicle_id) AS vehicle_id,
            CASE WHEN dc.n > 0 THEN dc.kwh ELSE 0 END AS dc_kwh,
            coalesce(dc.n, 0) AS vehicle_readings,
            CASE WHEN dc.n > 0 THEN dc.temp END AS battery_temp_sum,
-           coalesce(a.kwh, 0) AS ac_kwh, coalesce(a.n, 0) AS meter_readings,
-           a.meter_ids, a.meter_kwh, a.meter_counts
+           coalesce(a.kwh, 0) AS ac_kwh, coalesce(a.n, 0) AS meter_readings
     FROM dc FULL JOIN ac_total a USING (vehicle_id)
 )"""
+
+# The meters of the vehicles of `{rows}` (a CTE with a vehicle_id column), in id order.
+METERS = """
+    SELECT m.vehicle_id, array_agg(m.meter_id ORDER BY m.meter_id COLLATE "C") AS meter_ids,
+           array_agg(m.kwh ORDER BY m.meter_id COLLATE "C") AS meter_kwh,
+           array_agg(m.n ORDER BY m.meter_id COLLATE "C") AS meter_counts
+    FROM per_meter m JOIN {rows} r USING (vehicle_id) GROUP BY m.vehicle_id"""
 
 KNOWN = f"""EXISTS (SELECT 1 FROM {VEHICLE.latest} WHERE vehicle_id = {{vehicle}})
     OR EXISTS (SELECT 1 FROM {SESSIONS} WHERE vehicle_id = {{vehicle}})"""
@@ -203,9 +206,11 @@ def vehicle_sql(window: list[Piece]) -> str:
     """One vehicle's figures, and whether it is known at all, in one statement: one row."""
     vehicle = f"${FIRST_PIECE_PARAM + 2 * len(window)}"
     return f"""
-WITH {_window_sql(window, one_vehicle=True)}
-SELECT {KNOWN.format(vehicle=vehicle)} AS known, f.*
-FROM (SELECT 1) one LEFT JOIN figures f ON true"""
+WITH {_window_sql(window, one_vehicle=True)},
+meters AS ({METERS.format(rows="figures")})
+SELECT {KNOWN.format(vehicle=vehicle)} AS known, f.*, meters.meter_ids, meters.meter_kwh,
+       meters.meter_counts
+FROM (SELECT 1) one LEFT JOIN figures f ON true LEFT JOIN meters USING (vehicle_id)"""
 
 
 def fleet_sql(window: list[Piece]) -> str:
@@ -226,14 +231,19 @@ ranked AS (
 listed AS (
     SELECT * FROM ranked
     WHERE NOT {alert}::bool OR (rank_group = 0 AND rank_ratio < {threshold}::float8)
-)
-SELECT t.total, p.* FROM (SELECT count(*) AS total FROM listed) t
-LEFT JOIN LATERAL (
+),
+page AS (
     SELECT * FROM listed
     WHERE (rank_group, rank_ratio, rank_id)
         > ({group}::int, {ratio}::float8, {after}::text COLLATE "C")
     ORDER BY rank_group, rank_ratio, rank_id LIMIT {limit}
-) p ON true
+),
+meters AS ({METERS.format(rows="page")})
+SELECT t.total, p.vehicle_id, p.dc_kwh, p.vehicle_readings, p.battery_temp_sum, p.ac_kwh,
+       p.meter_readings, m.meter_ids, m.meter_kwh, m.meter_counts,
+       p.rank_group, p.rank_ratio, p.rank_id
+FROM (SELECT count(*) AS total FROM listed) t
+LEFT JOIN (page p LEFT JOIN meters m USING (vehicle_id)) ON true
 ORDER BY p.rank_group, p.rank_ratio, p.rank_id"""
 
 

@@ -93,8 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare-with",
         type=Path,
         metavar="PATH",
-        help="operators, analytics: also run the daemon of this other checkout (a build "
+        help="operators, analytics, fleet: also run the daemon of this other checkout (a build "
         "before a change), alternating with this one's, on the same data",
+    )
+    parser.add_argument(
+        "--design-point-only",
+        action="store_true",
+        help="fleet: only the design point (not the history's growth)",
     )
     parser.add_argument(
         "--peer",
@@ -136,6 +141,8 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
                 growth_step_min=15,
                 seconds=3 if short else 20,
                 runs=args.runs,
+                compare_with=args.compare_with,
+                stages_wanted=1 if args.design_point_only else None,
             )
         if name == "operators":
             return operators(

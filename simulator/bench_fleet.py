@@ -17,6 +17,7 @@ import asyncio
 import statistics
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -120,7 +121,7 @@ def _measure_fleet(
     _warm(daemon.url, list(paths.values()))
     for name, path in paths.items():
         timed = _timed(daemon.url, FLEET_SCRIPT.format(path=path), seconds)
-        measured = {"case": f"{stage['stage']}: {name}", **stage, **timed}
+        measured = {"case": f"{stage['stage']}: {name} ({stage['build']})", **stage, **timed}
         result.runs.append(measured)
         print(f"  {measured}", flush=True)
 
@@ -134,6 +135,8 @@ def fleet(
     growth_step_min: int,
     seconds: int,
     runs: int,
+    compare_with: Path | None = None,
+    stages_wanted: int | None = None,
 ) -> Result:
     result = Result(
         "fleet",
@@ -144,8 +147,12 @@ def fleet(
             "seconds": seconds,
             "window": "the last 24 h (the route's default)",
             "client": "wrk -t1 -c1 (one keep-alive connection), after asking once",
+            "before": str(compare_with) if compare_with else None,
         },
     )
+    builds: list[tuple[str, Path | None]] = [("after", None)]
+    if compare_with is not None:
+        builds.insert(0, ("before", compare_with))
     stages = [("design point", 24, step_min, FLEET_REQUESTS)]
     stages += [
         (
@@ -156,21 +163,24 @@ def fleet(
         )
         for days in growth_days
     ]
-    for label, hours, step, paths in stages:
+    for label, hours, step, paths in stages[:stages_wanted]:
         loaded = asyncio.run(load_fleet(svc.dsn, devices=devices, hours=hours, step_min=step))
         print(f"  {label}: {loaded}", flush=True)
-        daemon = Daemon(svc, retention_days=hours // 24 + 2)
-        daemon.start()
         for run in range(runs):
-            _measure_fleet(
-                result, daemon, {"stage": label, "run": run + 1, **loaded}, paths, seconds
-            )
-        daemon.stop()
+            for build, tree in builds:  # (alternating, on the same history)
+                daemon = Daemon(svc, tree=tree, retention_days=hours // 24 + 2)
+                daemon.start()
+                stage = {"stage": label, "build": build, "run": run + 1, **loaded}
+                _measure_fleet(result, daemon, stage, paths, seconds)
+                daemon.stop()
     growth = [
         statistics.median(
-            r["p99_ms"] for r in result.runs if r["stage"] == f"{days} days of history"
+            r["p99_ms"]
+            for r in result.runs
+            if r["stage"] == f"{days} days of history" and r["build"] == "after"
         )
         for days in growth_days
+        if any(r["stage"] == f"{days} days of history" for r in result.runs)
     ]
     if len(growth) == 2:
         result.parameters["p99_ratio_long_to_short_history"] = round(growth[1] / growth[0], 3)
