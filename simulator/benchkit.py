@@ -190,9 +190,9 @@ def process_cpu_s(pid: int) -> float:
 
 
 def tree_cpu_s(root_pid: int) -> float:
-    """CPU seconds of a process and of the children it has now (PostgreSQL: the postmaster
-    and its backends). A child that ended since is not counted: measure over a stretch in
-    which the connections stay open."""
+    """CPU seconds of a process and of its children (PostgreSQL: the postmaster and every
+    backend and worker): those running now, and those that ended (which the root has reaped:
+    its own cutime and cstime), so that the sum only grows."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -200,7 +200,9 @@ def tree_cpu_s(root_pid: int) -> float:
         with contextlib.suppress(OSError, IndexError, ValueError):
             pid = int(entry.name)
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if pid == root_pid or int(fields[1]) == root_pid:
+            if pid == root_pid:
+                total += sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+            elif int(fields[1]) == root_pid:
                 total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return total
 
