@@ -1,7 +1,7 @@
 # The daemon image used by docker-compose.yml.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md requirements.lock ./
+COPY pyproject.toml README.md requirements.lock mosquitto.conf ./
 COPY daemon ./daemon
 COPY broker ./broker
 COPY api ./api

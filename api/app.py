@@ -9,7 +9,9 @@ the same either way: the same handlers, the same error bodies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -68,8 +70,26 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=400)
 
 
+BUG_LOG_EVERY_S = 60.0
+_bugs_logged: dict[tuple[type[BaseException], str], float] = {}
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSON:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    """An error of ours: 500 with no internals, counted, its traceback in the log the first
+    time (per kind and route), then a line at most every minute: a bug that every request
+    meets must not flood the log."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None:
+        runtime.writer.metrics.internal_errors.labels("http").inc()
+    key = (type(exc), request.url.path)
+    now = time.monotonic()
+    last = _bugs_logged.get(key)
+    if last is None:
+        log.error("an error of ours on %s %s", request.method, request.url.path, exc_info=exc)
+        _bugs_logged[key] = now
+    elif now - last >= BUG_LOG_EVERY_S:
+        log.error("again: %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        _bugs_logged[key] = now
     return JSON({"detail": "internal error; the daemon logged it"}, status_code=500)
 
 
@@ -83,7 +103,10 @@ class App:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self._direct.get(scope["path"]) if scope["type"] == "http" else None
         if handler is None or scope["method"] != "POST":
-            await self.starlette(scope, receive, send)
+            # An error of ours was answered 500 and logged by `_unexpected`; Starlette raises
+            # it again after its handler, and uvicorn would log it a second time.
+            with contextlib.suppress(Exception):
+                await self.starlette(scope, receive, send)
             return
         scope["app"] = self.starlette
         request = Request(scope, receive)

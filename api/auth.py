@@ -40,7 +40,10 @@ def _check(request: Request, keys: dict[str, frozenset[str]], role: str) -> None
     challenge = {"WWW-Authenticate": 'Bearer realm="energy-ingest"'}
     if scheme.lower() != "bearer" or not presented:
         raise ApiError(401, "an API key is needed: Authorization: Bearer <key>", challenge)
-    roles = next((r for key, r in keys.items() if hmac.compare_digest(key, presented)), None)
+    # Compared as bytes, in constant time: header values are any bytes (latin-1 as text), and
+    # hmac compares text only when it is ASCII.
+    offered = presented.encode("latin-1", errors="replace")
+    roles = next((r for key, r in keys.items() if hmac.compare_digest(key.encode(), offered)), None)
     if roles is None:
         raise ApiError(401, "unknown API key", challenge)
     if role not in roles:

@@ -1,7 +1,13 @@
-"""Request bodies: bounded before they are read whole, then decoded as JSON."""
+"""Request bodies: bounded before they are read whole, then decoded as JSON.
+
+`Content-Encoding: gzip` is accepted (gateways compress their backlogs): the body is
+decompressed as it arrives, and MAX_BODY_BYTES bounds what it decompresses to, not only what
+came over the wire (a small bomb never grows past it). Any other encoding is 415.
+"""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,21 +37,23 @@ class JsonBody:
 
 
 async def read_json(request: Request, *, max_bytes: int) -> JsonBody:
-    """The JSON body; 413 past `max_bytes` (declared or streamed), 400 if malformed."""
+    """The JSON body; 413 past `max_bytes` (declared, streamed or decompressed), 415 for an
+    encoding other than gzip, 400 if malformed."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError(400, [problem("", "Content-Length is not a number")])
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "gzip":
+        body = await _gunzipped(request, max_bytes)
+    elif encoding in ("identity", ""):
+        body = await _read(request, max_bytes)
+    else:
+        raise ApiError(
+            415, [problem("", f"Content-Encoding {encoding!r}: only gzip (or none) is accepted")]
+        )
     if not body:
         raise ApiError(400, [problem("", "empty body: expected JSON")])
     try:
@@ -54,5 +62,43 @@ async def read_json(request: Request, *, max_bytes: int) -> JsonBody:
         raise ApiError(400, [problem("", f"malformed JSON: {error}")]) from None
 
 
-def _too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, [problem("", f"body larger than {max_bytes} bytes (MAX_BODY_BYTES)")])
+async def _read(request: Request, max_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _gunzipped(request: Request, max_bytes: int) -> bytes:
+    """Decompressed as it arrives, never past `max_bytes` of output."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # a gzip header and trailer
+    chunks: list[bytes] = []
+    size = received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes)
+            data = chunk
+            while data:
+                out = inflater.decompress(data, max_bytes + 1 - size)
+                size += len(out)
+                if size > max_bytes:
+                    raise _too_large(max_bytes, decompressed=True)
+                chunks.append(out)
+                data = inflater.unconsumed_tail
+        chunks.append(inflater.flush())
+    except zlib.error as error:
+        raise ApiError(400, [problem("", f"the body is not valid gzip: {error}")]) from None
+    if not inflater.eof and received:
+        raise ApiError(400, [problem("", "the gzip body ends before its end")])
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int, *, decompressed: bool = False) -> ApiError:
+    what = "body, decompressed," if decompressed else "body"
+    return ApiError(413, [problem("", f"{what} larger than {max_bytes} bytes (MAX_BODY_BYTES)")])

@@ -24,7 +24,7 @@ import asyncpg
 
 from api.responses import ApiError, unavailable
 from daemon.metrics import Metrics
-from db.errors import DataFailure, classify
+from db.errors import DATABASE_ERRORS, DataFailure, classify
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,12 @@ class ReadGate:
             raise unavailable(
                 "every read connection is busy (DB_READ_POOL_SIZE); try again"
             ) from None
-        except Exception as error:
+        except DATABASE_ERRORS as error:
             raise self._failed(error) from error
         self._metrics.reads_in_flight.inc()
         try:
             yield conn
-        except ApiError:
-            raise
-        except Exception as error:
+        except DATABASE_ERRORS as error:  # (an error of ours goes on: a 500, logged)
             raise self._failed(error) from error
         finally:
             self._metrics.reads_in_flight.dec()
@@ -125,11 +123,9 @@ async def control_connection(
     try:
         async with pool.acquire(timeout=timeout_s) as conn:
             yield conn
-    except ApiError:
-        raise
     except TimeoutError:
         raise unavailable("the database is busy; try again") from None
-    except Exception as error:
+    except DATABASE_ERRORS as error:
         failure = classify(error)
         log.warning("a write of links failed: %s", failure.detail)
         if isinstance(failure, DataFailure):

@@ -62,11 +62,18 @@ def stream_of(item: Any) -> Stream | Rejected:
 
 
 async def _commit(
-    runtime: Runtime, readings: Sequence[Reading], rejections: Sequence[RejectionRow]
+    runtime: Runtime,
+    request: Request,
+    readings: Sequence[Reading],
+    rejections: Sequence[RejectionRow],
 ) -> Outcome:
     try:
         return await runtime.writer.write(
-            readings, rejections, transport="http", timeout_s=runtime.settings.http_commit_timeout_s
+            readings,
+            rejections,
+            transport="http",
+            origin=_route(request),
+            timeout_s=runtime.settings.http_commit_timeout_s,
         )
     except Overloaded as error:
         raise unavailable(f"not stored, try again: {error}", RETRY_AFTER_S) from None
@@ -76,7 +83,9 @@ def _record_rejection(runtime: Runtime, row: RejectionRow) -> None:
     """Keep the rejection for GET /v1/rejections without making the caller wait for it."""
     # Refused only while shutting down; the caller still gets its 422.
     with contextlib.suppress(Overloaded):
-        runtime.writer.submit(Submission([], [row], lambda _: None, "http"))
+        runtime.writer.submit(
+            Submission([], [row], lambda _: None, "http", origin=row.topic_or_route)
+        )
 
 
 async def _single(request: Request, stream: Stream | None) -> JSON:
@@ -94,10 +103,12 @@ async def _single(request: Request, stream: Stream | None) -> JSON:
         )
         _record_rejection(runtime, _rejection_row(runtime, request, body, result.reason))
         raise ApiError(422, _problems(result))
-    outcome = await _commit(runtime, [result], [])
-    if outcome.refused_by_database:
-        reason = f"refused by the database: {outcome.refused_by_database[0]}"
+    outcome = await _commit(runtime, request, [result], [])
+    if outcome.refused:
+        reason = f"refused by the database: {outcome.refused[0][1]}"
         raise ApiError(422, [problem("", reason)])
+    if outcome.conflicts:  # recorded; the first stored stands
+        raise ApiError(409, [problem("timestamp", outcome.conflicts[0][1])])
     answer = {
         "status": "accepted" if outcome.accepted else "duplicate",
         "stream": result.stream.value,
@@ -122,6 +133,7 @@ async def _batch(request: Request, stream: Stream) -> JSON:
     now = datetime.now(UTC)
     rejected: list[Rejected] = []  # every one, for the answer (at most MAX_BATCH_READINGS)
     parsed = ParsedPayload(items=len(items))  # the readings, and the record's summary
+    indices: list[int] = []  # each valid reading's place in the request
     for index, item in enumerate(items):
         result = validate_reading(stream, item, now=now, limits=runtime.limits, index=index)
         if isinstance(result, Rejected):
@@ -129,18 +141,25 @@ async def _batch(request: Request, stream: Stream) -> JSON:
             parsed.reject(result)
         else:
             parsed.readings.append(result)
+            indices.append(index)
     rows = []
     if rejected:
         runtime.writer.metrics.rejected(stream.value, "http", len(rejected))
         rows.append(_rejection_row(runtime, request, body, parsed.reason))
-    outcome = await _commit(runtime, parsed.readings, rows)
-    refused = len(outcome.refused_by_database)
+    outcome = await _commit(runtime, request, parsed.readings, rows)
+    listed: list[dict[str, Any]] = [{"index": r.index, "problems": _problems(r)} for r in rejected]
+    for position, reason in outcome.refused:
+        listed.append({"index": indices[position], "problems": [problem("", reason)]})
+    for position, reason in outcome.conflicts:
+        listed.append({"index": indices[position], "problems": [problem("timestamp", reason)]})
+    listed.sort(key=lambda r: int(r["index"]))
     return JSON(
         {
             "accepted": outcome.accepted,
             "duplicates": outcome.duplicates,
-            "rejected": len(rejected) + refused,
-            "rejections": [{"index": r.index, "problems": _problems(r)} for r in rejected],
+            "conflicts": len(outcome.conflicts),
+            "rejected": len(rejected) + len(outcome.refused),
+            "rejections": listed,
         },
         status_code=201,
     )

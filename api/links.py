@@ -15,7 +15,7 @@ from api.responses import JSON, ApiError
 from api.schemas import LinkRequest
 from api.state import reads_of, runtime_of
 from daemon.readings import is_device_id
-from db.sessions import SessionRow, link, sessions_of
+from db.sessions import SessionRow, link, sessions_of, unlink
 
 SESSIONS_DEFAULT_LIMIT = 50
 SESSIONS_MAX_LIMIT = 1000
@@ -55,9 +55,24 @@ async def link_vehicle(request: Request) -> JSON:
             "changed": result.changed,
             "session": _session(result.session),
             "previous": _session(result.previous) if result.previous else None,
+            "displaced": _session(result.displaced) if result.displaced else None,
         },
         status_code=201 if result.changed else 200,
     )
+
+
+@require("ingest")
+async def unlink_vehicle(request: Request) -> JSON:
+    """The car left its charger: its open session ends now."""
+    runtime = runtime_of(request)
+    vehicle_id = request.path_params["vehicleId"]
+    if not is_device_id(vehicle_id):  # (never stored: nothing to end)
+        raise ApiError(404, f"vehicle {vehicle_id!r} has no open session")
+    async with control_connection(runtime.control_pool, timeout_s=LINK_WAIT_S) as conn:
+        ended = await unlink(conn, schema=runtime.settings.db_schema, vehicle_id=vehicle_id)
+    if ended is None:
+        raise ApiError(404, f"vehicle {vehicle_id!r} has no open session")
+    return JSON({"ended": _session(ended)})
 
 
 @require("operator")

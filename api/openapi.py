@@ -29,6 +29,7 @@ from api.schemas import (
     RejectionPage,
     Series,
     StoredReading,
+    Unlinked,
     VehicleBatch,
     VehicleStatus,
 )
@@ -58,6 +59,8 @@ class Endpoint:
     errors: tuple[int, ...] = ()
     query: tuple[Query, ...] = field(default=())
     media_type: str = "application/json"
+    also: tuple[int, ...] = ()  # more statuses answered with the ok body (a 503 of /health)
+    csv: bool = False  # the ok answer may be text/csv too
 
 
 WINDOW = (
@@ -68,7 +71,9 @@ WINDOW = (
     ),
     Query("endTime", "window end, ISO 8601 with offset (default: now)", format="date-time"),
 )
-SINGLE_ERRORS = (400, 413, 422, 503)
+SINGLE_ERRORS = (400, 409, 413, 415, 422, 503)
+BATCH_ERRORS = (400, 413, 415, 422, 503)
+LINK_ERRORS = (400, 413, 415, 422, 503)
 _both = (MeterReading, VehicleReading)
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -100,7 +105,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "ingestion",
         (MeterBatch,),
         (201, BatchResult),
-        SINGLE_ERRORS,
+        BATCH_ERRORS,
     ),
     Endpoint(
         "POST",
@@ -110,7 +115,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "ingestion",
         (VehicleBatch,),
         (201, BatchResult),
-        SINGLE_ERRORS,
+        BATCH_ERRORS,
     ),
     Endpoint(
         "POST",
@@ -160,7 +165,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "sessions",
         (LinkRequest,),
         (201, LinkResult),
-        SINGLE_ERRORS,
+        LINK_ERRORS,
+        also=(200,),
     ),
     Endpoint(
         "PUT",
@@ -170,7 +176,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "sessions",
         (LinkRequest,),
         (201, LinkResult),
-        SINGLE_ERRORS,
+        LINK_ERRORS,
+        also=(200,),
+    ),
+    Endpoint(
+        "DELETE",
+        "/v1/links/{vehicleId}",
+        links.unlink_vehicle,
+        "End a vehicle's open session now: the car left its charger",
+        "sessions",
+        ok=(200, Unlinked),
+        errors=(404, 503),
     ),
     Endpoint(
         "GET",
@@ -200,6 +216,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "analytics",
         ok=(200, FleetPage),
         errors=(400, 503),
+        csv=True,
         query=(
             *WINDOW,
             Query("limit", "page size, 1 to 10000 (default 100)", "integer"),
@@ -270,7 +287,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Liveness and readiness: database and broker (503 when either is down)",
         "status",
         ok=(200, Health),
-        errors=(503,),
+        also=(503,),
     ),
     Endpoint(
         "GET",
@@ -287,9 +304,18 @@ ERROR_TEXT = {
     401: "missing or unknown API key",
     403: "the API key lacks the role",
     404: "not found",
+    409: "a conflict: another reading of this device at this moment is stored (with other "
+    "values: the first stored stands; recorded)",
     413: "body or batch too large",
+    415: "a Content-Encoding other than gzip",
     422: "a field is invalid; each problem names its field",
     503: "overloaded or database unavailable; retry after Retry-After seconds",
+}
+
+
+ALSO_TEXT = {
+    200: "unchanged (the vehicle was already on this meter)",
+    503: "not ready: the parts say why",
 }
 
 
@@ -355,9 +381,13 @@ def _operation(endpoint: Endpoint, secured: bool) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "OK" if code == 200 else "Stored (committed)"}
     if model is not None:
         ok["content"] = {"application/json": {"schema": _ref(model)}}
+        if endpoint.csv:
+            ok["content"]["text/csv"] = {"schema": {"type": "string"}}
     else:
         ok["content"] = {endpoint.media_type: {"schema": {"type": "string"}}}
     responses: dict[str, Any] = {str(code): ok}
+    for status in endpoint.also:
+        responses[str(status)] = {**ok, "description": ALSO_TEXT.get(status, "OK")}
     errors = set(endpoint.errors)
     if role is not None and secured:
         errors |= {401, 403}

@@ -38,7 +38,10 @@ class LinkRequest(_Body):
 
 
 class StoredReading(_Body):
-    status: str = Field(description="accepted, or duplicate when this reading was already stored")
+    status: str = Field(
+        description="accepted, or duplicate when this reading (the same values at the same "
+        "device and moment) was already stored"
+    )
     stream: str
     device_id: str = Field(alias="deviceId")
     timestamp: datetime
@@ -51,9 +54,13 @@ class BatchRejection(_Body):
 
 class BatchResult(_Body):
     accepted: int
-    duplicates: int
-    rejected: int
-    rejections: list[BatchRejection]
+    duplicates: int = Field(description="readings already stored with the same values")
+    conflicts: int = Field(
+        description="readings of a device and moment already stored with other values: not "
+        "stored (the first stored stands), recorded, listed in `rejections`"
+    )
+    rejected: int = Field(description="readings refused by validation or by the database")
+    rejections: list[BatchRejection] = Field(description="each refused or conflicting reading")
 
 
 class Session(_Body):
@@ -66,7 +73,15 @@ class Session(_Body):
 class LinkResult(_Body):
     changed: bool = Field(description="false when the vehicle was already on this meter")
     session: Session
-    previous: Session | None = Field(description="the session this link ended, if any")
+    previous: Session | None = Field(description="the vehicle's session this link ended, if any")
+    displaced: Session | None = Field(
+        description="another vehicle's session on this meter that this link ended (a meter "
+        "charges one vehicle at a time), if any"
+    )
+
+
+class Unlinked(_Body):
+    ended: Session = Field(description="the vehicle's session, ended now")
 
 
 class Window(_Body):

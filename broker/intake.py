@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from broker.connection import Delivery
 from broker.topics import parse_topic
 from daemon.readings import Limits, ParsedPayload, Reading, parse_payload, whole_payload
-from daemon.writer import Outcome, Overloaded, Submission, Writer
+from daemon.writer import Overloaded, Submission, Writer
 from db.writes import RejectionRow, payload_text
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,9 @@ class MqttIntake:
         return Submission(
             readings,
             rejections,
-            on_committed=lambda outcome: self._committed(delivery, outcome),
+            on_settled=lambda _: self._ack(delivery),
             transport="mqtt",
             received_at=now,
             tag=delivery.generation if delivery.qos > 0 else None,
+            origin=delivery.topic,
         )
-
-    def _committed(self, delivery: Delivery, outcome: Outcome) -> None:
-        self._ack(delivery)

@@ -30,6 +30,7 @@ from broker.tls import client_context
 from broker.topics import subscriptions
 from daemon.config import MqttEndpoint, Settings
 from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.flushing import PoolFlush
 from daemon.loopwatch import LoopWatch
 from daemon.metrics import Metrics
 from daemon.pools import Pools, database_pools
@@ -38,6 +39,7 @@ from daemon.readings import Limits
 from daemon.runtime import BrokerStatus, Runtime
 from daemon.upkeep import Housekeeping, run_upkeep
 from daemon.writer import Submission, Writer
+from db.errors import DATABASE_ERRORS, setup_problem
 from db.migrate import migrate
 from db.pool import TRANSACTION, check_schema, connect
 
@@ -78,13 +80,18 @@ async def endpoints(settings: Settings, *, broker: bool = True) -> AsyncIterator
 
 
 async def prepare_database(settings: Settings, database_url: str) -> None:
-    """Apply migrations and create partitions; waits (logging) while PostgreSQL is down."""
+    """Apply migrations and create partitions; waits (logging) while PostgreSQL is down.
+    Raises DatabaseSetupError for what waiting cannot mend (a password, a database that
+    does not exist, a missing permission)."""
     waited = 0.0
     while True:
         try:
             conn = await connect(database_url, schema=settings.db_schema, pooler=settings.db_pooler)
             break
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except DATABASE_ERRORS as error:
+            problem = setup_problem(error)
+            if problem is not None:
+                raise problem from error
             if waited % DB_WAIT_LOG_EVERY_S < 1:
                 hint = POOLER_HINT if "startup parameter" in str(error) else ""
                 log.warning("waiting for PostgreSQL at %s: %s%s", _safe(database_url), error, hint)
@@ -95,6 +102,11 @@ async def prepare_database(settings: Settings, database_url: str) -> None:
         if settings.db_pooler == TRANSACTION:
             await check_schema(conn, settings.db_schema)
         await run_upkeep(conn, settings)
+    except asyncpg.PostgresError as error:
+        problem = setup_problem(error)
+        if problem is not None:
+            raise problem from error
+        raise
     finally:
         await conn.close()
 
@@ -224,7 +236,7 @@ async def _run_daemon(
     )
     metrics = Metrics()
     writer = Writer(
-        pools.write,
+        PoolFlush(pools.write),
         flush_max_readings=settings.flush_max_readings,
         flush_interval_s=settings.flush_interval_s,
         buffer_max_readings=settings.buffer_max_readings,

@@ -20,6 +20,7 @@ from daemon.app import endpoints, prepare_database, serve
 from daemon.config import Settings
 from daemon.embedded import ServiceError
 from daemon.provision import BrokerFiles, ProvisionError, Role, provision
+from db.errors import DatabaseSetupError
 from db.pool import WrongSchema, connect
 from db.rollup import rebuild
 
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.start >= args.end:
                 sys.exit("energy-ingest: START must come before END")
             asyncio.run(_rebuild_rollups(settings, args.start, args.end))
-    except (ServiceError, TlsFilesError, WrongSchema) as error:
+    except (ServiceError, TlsFilesError, WrongSchema, DatabaseSetupError) as error:
+        logging.getLogger("energy-ingest").error("%s", error)
         sys.exit(f"energy-ingest: {error}")
     except KeyboardInterrupt:
         pass

@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     mqtt_session_expiry_s: int = Field(default=7 * 86400, ge=0)
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     mqtt_receive_maximum: int = Field(default=20000, ge=1, le=65535)
-    # The broker's message_size_limit (mosquitto.conf, 4 MiB) plus room for the longest topic.
-    mqtt_max_packet_bytes: int = Field(default=4 * 1024 * 1024 + 65_536, ge=1024, le=268_435_460)
+    # Above the broker's max_packet_size (mosquitto.conf: 4 MiB + 16 KiB) by more than a
+    # topic alias can add (64 KiB): what the broker accepts, the daemon can receive.
+    mqtt_max_packet_bytes: int = Field(default=4 * 1024 * 1024 + 131_072, ge=1024, le=268_435_460)
 
     flush_max_readings: int = Field(default=2000, ge=1)
     # Short: under load batches grow by themselves while earlier flushes are in flight; the

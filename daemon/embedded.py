@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,21 @@ PG_SUPERUSER = "postgres"
 PG_DATABASE = "energy"
 START_TIMEOUT_S = 60.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_MOSQUITTO_CONF = REPO_ROOT / "mosquitto.conf"
+# The top-level mosquitto.conf: beside the packages in a checkout, under the environment's
+# share/ when installed from a wheel (pyproject.toml's data-files).
+MOSQUITTO_CONF_PLACES = (
+    REPO_ROOT / "mosquitto.conf",
+    Path(sys.prefix) / "share" / "energy-ingest" / "mosquitto.conf",
+)
+
+
+def shipped_mosquitto_conf() -> Path:
+    for place in MOSQUITTO_CONF_PLACES:
+        if place.is_file():
+            return place
+    places = ", ".join(str(p) for p in MOSQUITTO_CONF_PLACES)
+    raise ServiceError(f"mosquitto.conf not found (looked in {places}): reinstall the package")
+
 
 # Lines of the shipped mosquitto.conf that describe a deployment (where to listen, files,
 # who may connect); the private broker replaces them and keeps every delivery setting.
@@ -496,7 +511,7 @@ class EmbeddedMosquitto:
         auth, tls = self._copies()
         self.conf.write_text(
             private_broker_config(
-                SHIPPED_MOSQUITTO_CONF.read_text(),
+                shipped_mosquitto_conf().read_text(),
                 port=self.port,
                 data=self.data,
                 log_file=self.log_file,

@@ -236,6 +236,19 @@ class Metrics:
             "Rejection records deleted, oldest first, to keep the table within REJECTIONS_MAX_ROWS",
             registry=r,
         )
+        self.rejections_unrecorded = Counter(
+            "energy_ingest_rejections_unrecorded",
+            "Rejection records not written: more than 1,000 waited for the database (it was "
+            "away), or PostgreSQL refused the record itself",
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "energy_ingest_internal_errors",
+            "Errors of the daemon's own code (a bug), by where: flush (held, retried), http "
+            "(answered 500), mqtt (the message recorded as a rejection)",
+            ["where"],
+            registry=r,
+        )
         self.mqtt_intake_failures = Counter(
             "energy_ingest_mqtt_intake_failures",
             "MQTT messages that could not be handled (an internal error) and were recorded "

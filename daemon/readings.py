@@ -40,11 +40,21 @@ class Stream(StrEnum):
 
 
 ISO_HINT = "must be an ISO 8601 string with an offset, e.g. 2026-01-01T00:00:00Z"
+LEAP_SECOND_HINT = (
+    "is a leap second (second 60): UTC as stored, as Python and PostgreSQL keep it, has no "
+    "leap seconds; send 23:59:59.999999 or the next second instead"
+)
+_LEAP_SECOND = re.compile(r"T\d{2}:?\d{2}:?60(?![0-9])")
 OUT_OF_CALENDAR = "is outside the calendar once converted to UTC (years 1 to 9999)"
 
 
 def _timestamp_in_utc(value: object) -> object:
     """ISO 8601 text with an offset, held as a UTC datetime.
+
+    Finer than a microsecond: the digits past the sixth are dropped (what PostgreSQL's
+    timestamptz holds); two readings that differ only there are the same moment, and the
+    conflict rule decides (`daemon.batches`): the same values are a duplicate, other values a
+    conflict, recorded.
 
     Parsed here by `datetime.fromisoformat` (C) rather than by pydantic: pydantic would also
     take epoch numbers, which the contract does not, and its own offset type made every later
@@ -52,10 +62,12 @@ def _timestamp_in_utc(value: object) -> object:
     afterwards cost more than parsing (BENCHMARKS.md).
     """
     if isinstance(value, str):
+        text = value
         try:
-            value = datetime.fromisoformat(value)
+            value = datetime.fromisoformat(text)
         except ValueError:
-            raise ValueError(ISO_HINT) from None
+            hint = LEAP_SECOND_HINT if _LEAP_SECOND.search(text) else ISO_HINT
+            raise ValueError(hint) from None
     if not isinstance(value, datetime):
         raise ValueError(ISO_HINT)
     if value.tzinfo is None or value.tzinfo is UTC:

@@ -82,7 +82,8 @@ class Housekeeping:
         while True:
             woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
                 woken = True
             self._wake.clear()
             if woken:  # (a flush failing again and again runs upkeep once every 10 s)

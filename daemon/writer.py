@@ -1,21 +1,19 @@
-"""The write path that MQTT and HTTP share: a bounded buffer and the transactional flusher.
+"""The write path that MQTT and HTTP share: a bounded buffer, and the flusher in front of it.
 
 Submissions wait in the buffer until it holds `flush_max_readings` or `flush_interval` has
-passed since the oldest one arrived; then they are written in one transaction. A
-submission's `on_committed` runs only after that transaction has committed: that is where
-MQTT sends its PUBACK and HTTP answers 201, so nothing is acknowledged that a crash could
-still lose.
+passed since the oldest one arrived; then they are written in one transaction (up to
+`flush_concurrency` at once, each on its own connection of the write pool). A submission is
+settled (`on_settled`: MQTT sends its PUBACK, HTTP answers 201) only once every one of its
+readings has its final outcome, committed (`daemon.batches`); what happens when PostgreSQL
+refuses is `daemon.flushing`'s.
 
-When PostgreSQL refuses a flush, `db.errors` says whose fault it is:
-- a reading's (DataFailure): the batch is split until that reading stands alone; it is
-  recorded as a rejection and everything else is written;
-- the database's, for now (TransientFailure: connection lost, shutting down, disk full...):
-  the same batch is retried with back-off;
-- the database's, for good until someone mends it (PersistentFailure: a missing partition,
-  permissions, schema drift): the batch is split to commit whatever can be committed, and
-  the rest is *held*: kept in the buffer, not acknowledged, retried with back-off outside the
-  flush slots (so that it never blocks them), reported on /health and in the metrics, its
-  cause logged once rather than at every retry.
+Backpressure: past `buffer_max_readings` readings held (waiting, being written, held back),
+`full` is true: MQTT stops reading, HTTP answers 503. Rejection records waiting alone (an
+MQTT message or an HTTP request with no valid reading) have a bound of their own,
+REJECTIONS_WAITING_MAX: past it MQTT stops reading too (the broker keeps the rest), and a new
+record is dropped and counted, its message settled, when it could only wait on a database
+that is away, or when it comes over HTTP (whose caller already has its 422): invalid input
+never takes a valid reading's room, and never grows the daemon's memory.
 """
 
 from __future__ import annotations
@@ -28,69 +26,47 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-import asyncpg
-import orjson
-
-from daemon.batches import (
-    Outcome,
-    Overloaded,
-    Submission,
-    batch_of,
-    notify,
-    settle,
-)
+from daemon.batches import Outcome, Overloaded, Piece, Submission, whole
+from daemon.flushing import Flush, Flusher, Timing
 from daemon.metrics import Metrics
 from daemon.readings import Reading
-from db.errors import (
-    DatabaseFailure,
-    DataFailure,
-    PersistentFailure,
-    TransientFailure,
-    classify,
-)
-from db.writes import RejectionRow, Stored, flush_batch
+from db.errors import DatabaseFailure
+from db.writes import RejectionRow
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Outcome", "Overloaded", "Submission", "Writer"]
 
-BACKOFF_FIRST_S = 0.1
-BACKOFF_MAX_S = 5.0
-HELD_RETRY_FIRST_S = 1.0
-HELD_RETRY_MAX_S = 30.0
-# Transactions spent splitting one failing batch before the rest of it is held as a whole.
-SEPARATION_BUDGET = 64
-# The same cause is logged again at most this often (with what it holds by then).
-FAILURE_LOG_EVERY_S = 60.0
 WATCHDOG_TICK_S = 0.1  # how late, at most, a caller hears that its commit timed out
+REJECTIONS_WAITING_MAX = 1000
+DEFAULT_TIMING = Timing()
 
 
 class Writer:
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        flush: Flush,
         *,
         flush_max_readings: int,
         flush_interval_s: float,
         buffer_max_readings: int,
         flush_concurrency: int = 2,
         metrics: Metrics | None = None,
+        timing: Timing = DEFAULT_TIMING,
     ) -> None:
-        self._pool = pool
         self._flush_max = flush_max_readings
         self._interval_s = flush_interval_s
         self._buffer_max = buffer_max_readings
-        self._pending: deque[Submission] = deque()
-        self._pending_readings = 0
-        self._inflight_readings = 0
+        self._pending: deque[Piece] = deque()
+        self._pending_weight = 0
+        self._inflight_weight = 0
+        self._records_waiting = 0
         self._slots = asyncio.Semaphore(flush_concurrency)
         self._flushes: set[asyncio.Task[None]] = set()
         self._oldest_at = 0.0
         self._work = asyncio.Event()
         self._enough = asyncio.Event()
         self._stopping = False
-        # Flushes retrying a failure of the database's (TransientFailure) right now.
-        self._retrying = 0
         self.metrics = metrics or Metrics()
         self.metrics.database_up.set_function(lambda: 1 if self.database_ok else 0)
         self.metrics.buffer_depth.set_function(lambda: self.depth)
@@ -98,59 +74,119 @@ class Writer:
         self.room_listeners: list[Callable[[], None]] = []
         # Told of every failure that is the database's (the daemon runs partition upkeep).
         self.failure_listeners: list[Callable[[DatabaseFailure], None]] = []
-        # Submissions the database keeps refusing (PersistentFailure), retried apart.
-        self._held: list[Submission] = []
-        self.held_readings = 0
-        self.held_since: float | None = None
-        self.last_failure: DatabaseFailure | None = None
-        self._retry_held_now = asyncio.Event()
+        self.flusher = Flusher(
+            flush,
+            metrics=self.metrics,
+            timing=timing,
+            on_failure=self._on_failure,
+            follow_up=self._follow_up,
+        )
         self.rejections_written = 0
-        self._logged: dict[str, float] = {}
-        # HTTP callers waiting for their commit: (deadline, sequence, future, timeout).
+        # HTTP callers waiting for their settlement: (deadline, sequence, future, timeout).
         self._deadlines: list[tuple[float, int, asyncio.Future[Outcome], float]] = []
         self._seq = 0
         self._watchdog: asyncio.Task[None] | None = None
 
+    # -- what the rest of the daemon sees ----------------------------------------------------
+
     @property
     def depth(self) -> int:
         """Readings held in memory: waiting, being written, or held back."""
-        return self._pending_readings + self._inflight_readings + self.held_readings
+        flusher = self.flusher
+        return (
+            self._pending_weight
+            + self._inflight_weight
+            + flusher.held_weight
+            + flusher.retrying_held_weight
+        )
+
+    @property
+    def full(self) -> bool:
+        """No room: MQTT stops reading (the broker keeps what it has not delivered)."""
+        return self.depth >= self._buffer_max or self._records_waiting >= REJECTIONS_WAITING_MAX
 
     @property
     def database_ok(self) -> bool:
         """False while a flush is retrying because the database is away or refusing writes
         (HTTP answers 503 at once meanwhile); True again once no flush is retrying, whether
         or not anything came to write since."""
-        return self._retrying == 0
+        return self.flusher.retrying == 0
 
     @property
-    def full(self) -> bool:
-        return self.depth >= self._buffer_max
+    def held_readings(self) -> int:
+        return self.flusher.held_weight + self.flusher.retrying_held_weight
+
+    @property
+    def held_since(self) -> float | None:
+        return self.flusher.held_since
+
+    @property
+    def last_failure(self) -> DatabaseFailure | None:
+        return self.flusher.last_failure
+
+    def retry_held_now(self) -> None:
+        """Try the held readings again without waiting out the back-off (after upkeep)."""
+        self.flusher.retry_held_now.set()
+
+    # -- submitting ----------------------------------------------------------------------
 
     def submit(self, submission: Submission) -> None:
-        """Queue a submission; `on_committed` runs after the transaction holding it commits."""
+        """Queue a submission; `on_settled` runs once each of its readings has its final
+        outcome, committed."""
         if self._stopping:
             raise Overloaded("the daemon is shutting down")
+        if not submission.readings and not submission.rejections:
+            submission.records_written()  # nothing to write: settled at once
+            return
+        if not submission.readings:
+            if self._records_waiting >= REJECTIONS_WAITING_MAX and (
+                submission.transport != "mqtt" or not self.database_ok or self.flusher.held
+            ):
+                # Invalid input piles up and its record could only wait: dropped (counted),
+                # never a valid reading's room.
+                self.metrics.rejections_unrecorded.inc(len(submission.rejections))
+                submission.records_written()
+                return
+            self._records_waiting += 1
+            told = submission.on_settled
+
+            def settled(outcome: Outcome) -> None:
+                self._records_waiting -= 1
+                told(outcome)
+
+            submission.on_settled = settled
+        self._queue(whole(submission))
+
+    def _queue(self, piece: Piece, *, first: bool = False) -> None:
         if not self._pending:
             self._oldest_at = time.monotonic()
-        self._pending.append(submission)
-        self._pending_readings += submission.weight
+        if first:
+            self._pending.appendleft(piece)
+        else:
+            self._pending.append(piece)
+        self._pending_weight += piece.weight
         self._work.set()
-        if self._pending_readings >= self._flush_max:
+        if self._pending_weight >= self._flush_max:
             self._enough.set()
+
+    def _follow_up(self, pieces: list[Piece]) -> None:
+        """Pieces that settle readings of committed submissions (conflicts' records): next."""
+        for piece in reversed(pieces):
+            self._queue(piece, first=True)
 
     def drop_pending(self, stale: Callable[[Submission], bool]) -> int:
         """Forget waiting submissions that will come again (unacked MQTT after a reconnect)."""
-        kept = deque(s for s in self._pending if not stale(s))
+        forgotten = {
+            id(p.submission): p.submission
+            for p in (*self._pending, *self.flusher.held)
+            if stale(p.submission)
+        }
+        kept = deque(p for p in self._pending if id(p.submission) not in forgotten)
         dropped = len(self._pending) - len(kept)
         self._pending = kept
-        self._pending_readings = sum(s.weight for s in kept)
-        held = [s for s in self._held if not stale(s)]
-        dropped += len(self._held) - len(held)
-        self._held = held
-        self.held_readings = sum(s.weight for s in held)
-        if not held:
-            self.held_since = None
+        self._pending_weight = sum(p.weight for p in kept)
+        dropped += self.flusher.drop_held(lambda p: id(p.submission) in forgotten)
+        self._records_waiting -= sum(1 for s in forgotten.values() if not s.readings)
         return dropped
 
     async def write(
@@ -159,27 +195,30 @@ class Writer:
         rejections: Sequence[RejectionRow],
         *,
         transport: str,
+        origin: str = "",
         timeout_s: float | None = None,
     ) -> Outcome:
-        """Submit and wait for the commit (HTTP).
+        """Submit and wait for the settlement (HTTP).
 
         Raises Overloaded at once when the buffer is full or the database is known to be
-        down, and when the commit takes longer than `timeout_s`: a caller is never left
+        down, and when the settlement takes longer than `timeout_s`: a caller is never left
         hanging. What was submitted stays in the buffer and is still written; a retry is a
         duplicate, and duplicates are absorbed.
         """
-        if self.full:
+        if self.depth >= self._buffer_max:  # (records waiting never refuse a reading)
             raise Overloaded(f"the buffer holds {self.depth} readings")
         if not self.database_ok:
             raise Overloaded("the database is unreachable")
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.submit(Submission(readings, rejections, lambda o: _resolve(done, o), transport))
+        self.submit(
+            Submission(readings, rejections, lambda o: _resolve(done, o), transport, origin=origin)
+        )
         if timeout_s is not None:
             self._expire_after(done, timeout_s)
         return await done
 
     def _expire_after(self, done: asyncio.Future[Outcome], timeout_s: float) -> None:
-        """Fail `done` with Overloaded if no commit resolved it within `timeout_s`.
+        """Fail `done` with Overloaded if nothing settled it within `timeout_s`.
 
         One watchdog for every waiting caller, not a timer each: a timer per request
         (`asyncio.timeout`) cost about a tenth of the event loop under load (BENCHMARKS.md).
@@ -200,21 +239,24 @@ class Writer:
             if deadlines:
                 await asyncio.sleep(min(WATCHDOG_TICK_S, max(0.0, deadlines[0][0] - now)))
 
+    # -- flushing ------------------------------------------------------------------------
+
     async def run(self) -> None:
         """Flush until stopped; on stop, flush what is left (while the database answers)."""
-        retrying = asyncio.create_task(self._retry_held(), name="writer-held")
+        retrying = asyncio.create_task(self.flusher.retry_held(self._room), name="writer-held")
         try:
             await self._flush_loop()
         finally:
             retrying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retrying
-            if self._held:
+            if self.flusher.held:
+                failure = self.flusher.last_failure
                 log.warning(
                     "stopping with %d readings held back by the database (%s): not stored, "
                     "not acknowledged",
                     self.held_readings,
-                    self.last_failure.detail if self.last_failure else "?",
+                    failure.detail if failure else "?",
                 )
 
     async def _flush_loop(self) -> None:
@@ -223,6 +265,7 @@ class Writer:
                 if self._stopping:
                     if self._flushes:
                         await asyncio.wait(set(self._flushes))
+                        continue  # (a flush may have queued records to write next)
                     return
                 self._work.clear()
                 await self._work.wait()
@@ -241,44 +284,45 @@ class Writer:
     def _flush_done(self, flush: asyncio.Task[None]) -> None:
         self._flushes.discard(flush)
         self._slots.release()
+        if not flush.cancelled() and flush.exception() is not None:
+            log.error("a flush failed unexpectedly", exc_info=flush.exception())
 
     def stop(self) -> None:
         self._stopping = True
         self._work.set()
         self._enough.set()
 
-    def retry_held_now(self) -> None:
-        """Try the held readings again without waiting out the back-off (after upkeep)."""
-        self._retry_held_now.set()
-
     async def _wait_for_batch(self) -> None:
         remaining = self._oldest_at + self._interval_s - time.monotonic()
-        if self._pending_readings >= self._flush_max or remaining <= 0 or self._stopping:
+        if self._pending_weight >= self._flush_max or remaining <= 0 or self._stopping:
             return
         self._enough.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._enough.wait(), remaining)
+            async with asyncio.timeout(remaining):
+                await self._enough.wait()
 
-    def _take(self) -> list[Submission]:
-        taken: list[Submission] = []
+    def _take(self) -> list[Piece]:
+        taken: list[Piece] = []
         count = 0
         while self._pending and (
-            not taken or count + len(self._pending[0].readings) <= self._flush_max
+            not taken or count + max(1, self._pending[0].weight) <= self._flush_max
         ):
-            submission = self._pending.popleft()
-            taken.append(submission)
-            count += submission.weight
-        self._pending_readings -= count
-        self._inflight_readings += count
+            piece = self._pending.popleft()
+            taken.append(piece)
+            count += max(1, piece.weight)
+        weight = sum(p.weight for p in taken)
+        self._pending_weight -= weight
+        self._inflight_weight += weight
         if self._pending:
             self._oldest_at = time.monotonic()
         return taken
 
-    async def _flush(self, submissions: list[Submission]) -> None:
+    async def _flush(self, pieces: list[Piece]) -> None:
         try:
-            await self._commit(submissions)
+            await self.flusher.commit(pieces)
+            self.rejections_written += sum(len(p.records()) for p in pieces)
         finally:
-            self._inflight_readings -= sum(s.weight for s in submissions)
+            self._inflight_weight -= sum(p.weight for p in pieces)
             self._room()
 
     def _room(self) -> None:
@@ -286,197 +330,11 @@ class Writer:
             for listener in self.room_listeners:
                 listener()
 
-    # -- committing, and what happens when PostgreSQL refuses -----------------------------
-
-    async def _commit(self, submissions: list[Submission]) -> None:
-        """Commit; retry while the database is away; separate what it keeps refusing."""
-        backoff = BACKOFF_FIRST_S
-        retrying = False
-        try:
-            while True:
-                failure = await self._attempt(submissions)
-                if failure is None:
-                    return
-                if isinstance(failure, DataFailure):
-                    await self._isolate(submissions, failure)
-                    return
-                if isinstance(failure, PersistentFailure):
-                    await self._separate(submissions, failure)
-                    return
-                if not retrying:
-                    retrying = True
-                    self._retrying += 1
-                self._report(failure, f"retrying {len(submissions)} submissions with back-off")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-        finally:
-            if retrying:
-                self._retrying -= 1
-
-    async def _attempt(self, submissions: Sequence[Submission]) -> DatabaseFailure | None:
-        """One transaction; settles the submissions on success, else returns why not."""
-        try:
-            stored = await self._transaction(submissions)
-        except DatabaseFailure as failure:
-            self.metrics.flush_failures.labels(type(failure).__name__, failure.cause).inc()
-            if not isinstance(failure, DataFailure):
-                self.last_failure = failure
-                for listener in self.failure_listeners:
-                    listener(failure)
-            return failure
-        settle(submissions, stored, self.metrics)
-        return None
-
-    async def _transaction(self, submissions: Sequence[Submission]) -> dict[str, Stored]:
-        batch = batch_of(submissions)
-        started = time.perf_counter()
-        try:
-            async with self._pool.acquire() as conn:
-                try:
-                    stored = await flush_batch(conn, batch)
-                except Exception as error:
-                    failure = classify(error)
-                    if failure.wrong_server:  # the next connection looks for the primary
-                        conn.terminate()
-                    raise failure from error
-        except DatabaseFailure:
-            raise
-        except Exception as error:
-            raise classify(error) from error
-        self.rejections_written += len(batch.rejections)
-        self.metrics.flush_seconds.observe(time.perf_counter() - started)
-        self.metrics.last_commit.set(time.time())
-        self.metrics.flush_size.observe(sum(len(rows) for rows in batch.rows.values()))
-        return stored
-
-    async def _separate(self, submissions: list[Submission], failure: PersistentFailure) -> None:
-        """Commit every part of the batch the database takes; hold the rest."""
-        stuck: list[Submission] = []
-        await self._bisect(submissions, stuck, [SEPARATION_BUDGET])
-        if stuck:
-            self._hold(stuck, failure)
-
-    async def _bisect(
-        self, submissions: list[Submission], stuck: list[Submission], budget: list[int]
-    ) -> None:
-        if len(submissions) == 1 or budget[0] <= 0:
-            stuck.extend(submissions)
-            return
-        middle = len(submissions) // 2
-        for half in (submissions[:middle], submissions[middle:]):
-            budget[0] -= 1
-            failure = await self._attempt(half)
-            if failure is None:
-                continue
-            if isinstance(failure, DataFailure):
-                await self._isolate(half, failure)
-            elif isinstance(failure, TransientFailure):
-                stuck.extend(half)  # tried again with the held ones
-            else:
-                await self._bisect(half, stuck, budget)
-
-    def _hold(self, submissions: list[Submission], failure: DatabaseFailure) -> None:
-        self._held.extend(submissions)
-        self.held_readings += sum(s.weight for s in submissions)
-        if self.held_since is None:
-            self.held_since = time.time()
-        self._report(failure, f"holding {self.held_readings} readings, not acknowledged")
-
-    async def _retry_held(self) -> None:
-        backoff = HELD_RETRY_FIRST_S
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_held_now.wait(), backoff)
-            self._retry_held_now.clear()
-            if not self._held:
-                backoff = HELD_RETRY_FIRST_S
-                continue
-            held, self._held = self._held, []
-            weight, self.held_readings = self.held_readings, 0
-            self._inflight_readings += weight
-            try:
-                failure = await self._attempt(held)
-                stuck: list[Submission] = []
-                if isinstance(failure, DataFailure):
-                    await self._isolate(held, failure)
-                elif isinstance(failure, TransientFailure):
-                    stuck = held
-                elif failure is not None:
-                    await self._bisect(held, stuck, [SEPARATION_BUDGET])
-                self._held.extend(stuck)
-                self.held_readings += sum(s.weight for s in stuck)
-            finally:
-                self._inflight_readings -= weight
-            if self._held:
-                backoff = min(backoff * 2, HELD_RETRY_MAX_S)
-            else:
-                log.info("the readings held back by the database are stored now")
-                self.held_since = None
-                backoff = HELD_RETRY_FIRST_S
-            self._room()
-
-    def _report(self, failure: DatabaseFailure, doing: str) -> None:
-        """Log a cause once, then at most every FAILURE_LOG_EVERY_S, not at every retry."""
-        key = f"{type(failure).__name__}:{failure.cause}"
-        now = time.monotonic()
-        if now - self._logged.get(key, -FAILURE_LOG_EVERY_S) >= FAILURE_LOG_EVERY_S:
-            self._logged[key] = now
-            log.warning("PostgreSQL refused a flush (%s); %s", failure.detail, doing)
-
-    async def _isolate(self, submissions: list[Submission], failure: DataFailure) -> None:
-        """The database refused a row: split until the refused readings stand alone."""
-        if len(submissions) > 1:
-            middle = len(submissions) // 2
-            await self._commit(submissions[:middle])
-            await self._commit(submissions[middle:])
-            return
-        submission = submissions[0]
-        if len(submission.readings) > 1 or (submission.readings and submission.rejections):
-            await self._commit_one_by_one(submission)
-        else:
-            await self._refuse(submission, failure)
-
-    async def _commit_one_by_one(self, submission: Submission) -> None:
-        outcomes: list[Outcome] = []
-        for reading in submission.readings:
-            single = Submission(
-                [reading], [], outcomes.append, submission.transport, submission.received_at
-            )
-            await self._commit([single])
-        rejections = Submission(
-            [], submission.rejections, outcomes.append, submission.transport, submission.received_at
-        )
-        if submission.rejections:
-            await self._commit([rejections])
-        notify(
-            submission,
-            Outcome(
-                accepted=sum(o.accepted for o in outcomes),
-                duplicates=sum(o.duplicates for o in outcomes),
-                refused_by_database=tuple(r for o in outcomes for r in o.refused_by_database),
-            ),
-        )
-
-    async def _refuse(self, submission: Submission, failure: DataFailure) -> None:
-        """A single reading the database refused: record why, keep everything else."""
-        self._report(failure, "recording the reading as a rejection")
-        if submission.readings:
-            reading = submission.readings[0]
-            refusal = RejectionRow(
-                received_at=submission.received_at,
-                source=submission.transport,
-                topic_or_route="(database)",
-                payload=orjson.dumps(reading.model_dump(mode="json", by_alias=True)).decode(),
-                reason=f"refused by the database: {failure.detail}",
-            )
-            await self._commit([Submission([], [refusal], _ignore, submission.transport)])
-        notify(submission, Outcome(0, 0, refused_by_database=(failure.detail,)))
+    def _on_failure(self, failure: DatabaseFailure) -> None:
+        for listener in self.failure_listeners:
+            listener(failure)
 
 
 def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
     if not future.done():
         future.set_result(outcome)
-
-
-def _ignore(_: Outcome) -> None:
-    return None

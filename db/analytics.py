@@ -34,6 +34,11 @@ from db.windows import HOURLY, RAW, Piece
 # (22003): each is read as at most this much, so a window's sum always fits.
 CLAMP = "1e300"
 
+# Sessions overlapping the window [$1, $2): as the exclusion constraints' GiST indexes on
+# (vehicle or meter, tstzrange(started_at, ended_at)) serve it, in time proportional to the
+# sessions of the window however many a vehicle had before.
+OVERLAPS = "tstzrange({alias}started_at, {alias}ended_at) && tstzrange($1, $2)"
+
 # Window start and end are $1 and $2; each piece's bounds follow ($3, $4, ...); the vehicle,
 # for one vehicle's figures, comes last.
 FIRST_PIECE_PARAM = 3
@@ -83,7 +88,10 @@ def _window_sql(window: list[Piece], *, one_vehicle: bool) -> str:
     rows) and the AC its meter measured while linked to it, over the window."""
     vehicle_param = f"${FIRST_PIECE_PARAM + 2 * len(window)}"
     vehicle = f"AND {{alias}}.vehicle_id = {vehicle_param}" if one_vehicle else ""
-    its_meters = f"SELECT meter_id FROM {SESSIONS} WHERE vehicle_id = {vehicle_param}"
+    overlapping = OVERLAPS.format(alias="")
+    its_meters = (
+        f"SELECT meter_id FROM {SESSIONS} WHERE vehicle_id = {vehicle_param} AND {overlapping}"
+    )
     meter = f"AND {{alias}}.meter_id IN ({its_meters})" if one_vehicle else ""
     h_vehicle, v_vehicle = vehicle.format(alias="h"), vehicle.format(alias="v")
     h_meter, m_meter = meter.format(alias="h"), meter.format(alias="m")
@@ -127,8 +135,7 @@ iv AS (
            greatest(s.started_at, $1) AS a, least(coalesce(s.ended_at, 'infinity'), $2) AS b,
            s.started_at <= $1 AND (s.ended_at IS NULL OR s.ended_at >= $2) AS whole
     FROM {SESSIONS} s
-    WHERE s.started_at < $2 AND (s.ended_at IS NULL OR s.ended_at > $1)
-      {vehicle.format(alias="s")}
+    WHERE {OVERLAPS.format(alias="s.")} {vehicle.format(alias="s")}
 ),
 edges AS (
     SELECT vehicle_id, meter_id, a, b, {ceil_hour_sql("a")} AS ha,

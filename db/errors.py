@@ -63,6 +63,17 @@ class PersistentFailure(DatabaseFailure):
     pass
 
 
+# What talking to PostgreSQL can raise; anything else is an error of ours (a bug), never to be
+# reported as the database's.
+DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+    TargetServerAttributeNotMatched,
+)
+
+
 def classify(error: BaseException) -> DatabaseFailure:
     """Map an exception raised while talking to PostgreSQL onto how to handle it."""
     detail = f"{error.__class__.__name__}: {error}"
@@ -85,3 +96,27 @@ def classify(error: BaseException) -> DatabaseFailure:
     if sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate in _TRANSIENT_STATES:
         return TransientFailure(detail, sqlstate=sqlstate)
     return PersistentFailure(detail, sqlstate=sqlstate)
+
+
+class DatabaseSetupError(RuntimeError):
+    """PostgreSQL refuses the daemon for a reason that waiting will not mend (a password, a
+    role, a database that does not exist, a missing permission): say so, and stop."""
+
+
+_SETUP_PROBLEMS = {
+    "28P01": "PostgreSQL refused the password (28P01): check the user and password in DATABASE_URL",
+    "28000": "PostgreSQL refused the connection (28000: {message}): check the user in "
+    "DATABASE_URL, and pg_hba.conf",
+    "3D000": "{message} (3D000): create it, or name another in DATABASE_URL",
+    "42501": "the database user lacks a permission the daemon needs (42501: {message}): "
+    "grant it, or run `energy-ingest migrate` once as a user that has it",
+}
+
+
+def setup_problem(error: BaseException) -> DatabaseSetupError | None:
+    """The error as a DatabaseSetupError when waiting for PostgreSQL cannot help."""
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    text = _SETUP_PROBLEMS.get(sqlstate)
+    if text is None or not isinstance(error, asyncpg.PostgresError):
+        return None
+    return DatabaseSetupError(text.format(message=str(error).strip()))

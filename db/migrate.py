@@ -52,6 +52,22 @@ def lock_key(schema: str, purpose: str) -> str:
 async def migrate(conn: asyncpg.Connection, *, schema: str) -> list[Migration]:
     """Apply the pending migrations; returns those this call applied."""
     applied_now: list[Migration] = []
+    # What a migration says it changed (RAISE NOTICE) goes to the log.
+    conn.add_log_listener(_said)
+    try:
+        await _apply(conn, schema, applied_now)
+    finally:
+        conn.remove_log_listener(_said)
+    for migration in applied_now:
+        log.info("applied migration %04d_%s", migration.version, migration.name)
+    return applied_now
+
+
+def _said(conn: asyncpg.Connection, message: asyncpg.PostgresLogMessage) -> None:
+    log.warning("migration: %s", message.message)
+
+
+async def _apply(conn: asyncpg.Connection, schema: str, applied_now: list[Migration]) -> None:
     async with conn.transaction():
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext($1))", lock_key(schema, "migrate")
@@ -70,6 +86,3 @@ async def migrate(conn: asyncpg.Connection, *, schema: str) -> list[Migration]:
                 migration.name,
             )
             applied_now.append(migration)
-    for migration in applied_now:
-        log.info("applied migration %04d_%s", migration.version, migration.name)
-    return applied_now

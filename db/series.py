@@ -46,7 +46,7 @@ iv AS (
     SELECT s.meter_id, greatest(s.started_at, $2) AS a,
            least(coalesce(s.ended_at, 'infinity'), $3) AS b
     FROM {SESSIONS} s
-    WHERE s.vehicle_id = $1 AND s.started_at < $3 AND (s.ended_at IS NULL OR s.ended_at > $2)
+    WHERE s.vehicle_id = $1 AND tstzrange(s.started_at, s.ended_at) && tstzrange($2, $3)
 ),
 edges AS (
     SELECT meter_id, a, b, {ceil_hour_sql("a")} AS ha, date_trunc('hour', b, 'UTC') AS hb
@@ -82,7 +82,7 @@ ac AS (
     FROM {SESSIONS} s JOIN {METER.history} m
       ON m.meter_id = s.meter_id AND m.ts >= s.started_at
      AND (s.ended_at IS NULL OR m.ts < s.ended_at)
-    WHERE s.vehicle_id = $1 AND s.started_at < $3 AND (s.ended_at IS NULL OR s.ended_at > $2)
+    WHERE s.vehicle_id = $1 AND tstzrange(s.started_at, s.ended_at) && tstzrange($2, $3)
       AND m.ts >= $2 AND m.ts < $3
 )"""
 

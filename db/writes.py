@@ -1,9 +1,12 @@
 """The flush transaction: a whole batch of readings and rejections in one SQL statement.
 
-For each stream, the statement inserts the history rows (duplicates of (device, ts) are
-skipped, not errors), adds what it stored to each device's hourly roll-up, and upserts the
-latest row per device, guarded so that an older reading never overwrites a newer state; then
-it records the rejections. Arrays travel through
+For each stream, the statement inserts the history rows (a (device, ts) already stored is
+skipped, not an error: the first stored value stands), adds what it stored to each device's
+hourly roll-up, and upserts the latest row per device from what the history took, guarded so
+that an older reading never overwrites a newer state (so the latest state is always a row of
+the history); then it records the rejections. When some rows were already stored, the
+statement also says which rows it stored and what the others hold, so that a copy (a
+duplicate) can be told from another reading at the same moment (a conflict). Arrays travel through
 `unnest`, never a statement per reading; the latest rows are written in device-id order so
 that two daemons cannot deadlock.
 
@@ -67,22 +70,28 @@ def _stream_sql(t: StreamTables, first: int) -> tuple[str, str]:
     INSERT INTO {t.history} ({cols})
     SELECT {cols} FROM {s}_batch
     ON CONFLICT ({t.id_column}, ts) DO NOTHING
-    RETURNING {t.id_column}, ts, {", ".join(t.value_columns)}
+    RETURNING {cols}
 ), {s}_rollup AS ({_HOURLY[s].format(t=t, s=s)}
 ), {s}_latest AS (
     INSERT INTO {t.latest} AS l ({cols})
-    SELECT DISTINCT ON ({t.id_column}) {cols} FROM {s}_batch ORDER BY {t.id_column}, ts DESC
+    SELECT DISTINCT ON ({t.id_column}) {cols} FROM {s}_inserted ORDER BY {t.id_column}, ts DESC
     ON CONFLICT ({t.id_column}) DO UPDATE SET {updates}
     WHERE l.ts < EXCLUDED.ts
 )"""
-    # Only the count comes back when every row was new (the common case); the keys stored
-    # come back too when some were already there, so that duplicates can be told apart.
+    # Only the count comes back when every row was new (the common case). When some were
+    # already stored: the keys stored now, and the rows stored before (the statement's
+    # snapshot, taken before its insert, sees only those).
     stored, offered = f"(SELECT count(*) FROM {s}_inserted)", f"cardinality(${first}::text[])"
+    values = ", ".join(f"h.{c}" for c in t.value_columns)
     returned = f"""
     {stored} AS {s}_stored,
     CASE WHEN {stored} < {offered}
          THEN (SELECT array_agg({t.id_column}) FROM {s}_inserted) END AS {s}_ids,
-    CASE WHEN {stored} < {offered} THEN (SELECT array_agg(ts) FROM {s}_inserted) END AS {s}_tss"""
+    CASE WHEN {stored} < {offered} THEN (SELECT array_agg(ts) FROM {s}_inserted) END AS {s}_tss,
+    CASE WHEN {stored} < {offered} THEN (
+        SELECT array_agg(ROW(h.{t.id_column}, h.ts, {values}))
+        FROM {s}_batch b JOIN {t.history} h ON h.{t.id_column} = b.{t.id_column} AND h.ts = b.ts
+    ) END AS {s}_before"""
     return ctes, returned
 
 
@@ -140,20 +149,18 @@ class RejectionRow:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """What one stream's insert stored: `count` rows, and which ones when that is fewer than
-    were offered (`keys` is None when every offered row was new)."""
+    """What one stream's insert stored: `count` rows; when that is fewer than were offered,
+    which ones (`keys`; None when every offered row was new), and the values of the offered
+    keys that were stored before (`before`: key → the value columns, in table order). A key
+    in neither was stored meanwhile by another transaction (another daemon): its values are
+    read afterwards (`db.writes.stored_values`)."""
 
     count: int
     keys: set[Key] | None = None
+    before: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
 
     def is_new(self, key: Key) -> bool:
-        """Whether `key` was stored now; a second copy of it in the same batch is not."""
-        if self.keys is None:
-            return True
-        if key in self.keys:
-            self.keys.discard(key)
-            return True
-        return False
+        return self.keys is None or key in self.keys
 
 
 @dataclass(slots=True)
@@ -179,8 +186,27 @@ async def flush_batch(conn: asyncpg.Connection, batch: FlushBatch) -> dict[str, 
         if count == len(rows):
             stored[name] = Stored(count)
         else:  # (array_agg of no rows is NULL: none of them was new)
-            stored[name] = Stored(count, set(zip(ids or (), tss or (), strict=True)))
+            before = {(r[0], r[1]): tuple(r[2:]) for r in record[f"{name}_before"] or ()}
+            stored[name] = Stored(count, set(zip(ids or (), tss or (), strict=True)), before)
     return stored
+
+
+STORED_VALUES = {
+    name: f"""
+SELECT {t.id_column}, ts, {", ".join(t.value_columns)} FROM {t.history}
+WHERE ({t.id_column}, ts) IN (SELECT * FROM unnest($1::text[], $2::timestamptz[]))"""
+    for name, t in STREAMS.items()
+}
+
+
+async def stored_values(
+    conn: asyncpg.Connection, stream: str, keys: Sequence[Key]
+) -> dict[Key, tuple[Any, ...]]:
+    """The stored values of these keys (read after a commit: what another transaction stored
+    while the flush ran)."""
+    ids, tss = zip(*keys, strict=True) if keys else ((), ())
+    records = await conn.fetch(STORED_VALUES[stream], list(ids), list(tss))
+    return {(r[0], r[1]): tuple(r[2:]) for r in records}
 
 
 def _columns(rows: Sequence[Row], width: int) -> list[Sequence[Any]]:

@@ -25,7 +25,14 @@ SCENARIOS = (
 )
 
 # Runs of these scenarios differ by one parameter: medians are taken per value.
-GROUP_BY = {"mqtt-live": "multiple", "analytics": "group", "fleet": "case", "operators": "build"}
+GROUP_BY = {
+    "mqtt-live": "multiple",
+    "analytics": "group",
+    "fleet": "case",
+    "operators": "build",
+    "mqtt-drain": "build",
+    "mqtt-drain-arrays": "build",
+}
 
 HTTP_KEYS = [
     "requests_per_s",
@@ -40,6 +47,10 @@ HTTP_KEYS = [
 SUMMARY_KEYS = {
     "mqtt-drain": [
         "readings_per_s",
+        "bare_insert_1_connection_per_s",
+        "bare_insert_per_s",
+        "ratio_to_bare_insert_1_connection",
+        "ratio_to_bare_insert",
         "ceiling_1_connection_per_s",
         "ceiling_readings_per_s",
         "ratio_to_ceiling",
@@ -93,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare-with",
         type=Path,
         metavar="PATH",
-        help="operators, analytics, fleet: also run the daemon of this other checkout (a build "
-        "before a change), alternating with this one's, on the same data",
+        help="operators, analytics, fleet, mqtt-drain(-arrays): also run the daemon of this "
+        "other checkout (a build before a change), alternating with this one's, on the same data",
     )
     parser.add_argument(
         "--design-point-only",
@@ -119,9 +130,21 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
     short = args.short
     with services() as svc:
         if name == "mqtt-drain":
-            return drain(svc, readings=40_000 if short else 200_000, array=1, runs=args.runs)
+            return drain(
+                svc,
+                readings=40_000 if short else 200_000,
+                array=1,
+                runs=args.runs,
+                compare_with=args.compare_with,
+            )
         if name == "mqtt-drain-arrays":
-            return drain(svc, readings=60_000 if short else 240_000, array=60, runs=args.runs)
+            return drain(
+                svc,
+                readings=60_000 if short else 240_000,
+                array=60,
+                runs=args.runs,
+                compare_with=args.compare_with,
+            )
         if name == "mqtt-live":
             return live(svc, multiples=[1, 10, 30], seconds=5 if short else 20, runs=args.runs)
         if name in ("http-single", "http-batch"):

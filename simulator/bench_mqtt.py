@@ -7,6 +7,7 @@ import asyncio
 import multiprocessing
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -61,9 +62,35 @@ def publish_parallel(port: int, messages: list[tuple[str, bytes]], processes: in
     return sent / (time.perf_counter() - started)
 
 
-async def ceiling(dsn: str, messages: list[tuple[str, bytes]], connections: int) -> float:
-    """The same flush transaction, straight from asyncpg with rows built beforehand, from
-    `connections` connections at once (the daemon has FLUSH_CONCURRENCY flushes in flight)."""
+# The physical limit a drain is measured against: one PostgreSQL connection inserting the same
+# rows, in batches of FLUSH_READINGS, into plain tables shaped like the history (the device
+# and the timestamp as the key, the summed value carried in it) and nothing else: no
+# partitions, no latest state, no roll-ups, no rejections. Nothing of the daemon's flush is
+# in it, so a heavier flush cannot make the daemon look closer to it.
+BARE_TABLES = """
+DROP TABLE IF EXISTS bare_meter, bare_vehicle;
+CREATE TABLE bare_meter (LIKE meter_readings INCLUDING DEFAULTS);
+ALTER TABLE bare_meter ADD PRIMARY KEY (meter_id, ts) INCLUDE (kwh_consumed_ac);
+CREATE TABLE bare_vehicle (LIKE vehicle_readings INCLUDING DEFAULTS);
+ALTER TABLE bare_vehicle ADD PRIMARY KEY (vehicle_id, ts) INCLUDE (kwh_delivered_dc, battery_temp);
+"""
+BARE_INSERT = """
+WITH m AS (
+    INSERT INTO bare_meter
+    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::float8[], $4::float8[],
+                         $5::timestamptz[])
+    ON CONFLICT DO NOTHING
+), v AS (
+    INSERT INTO bare_vehicle
+    SELECT * FROM unnest($6::text[], $7::timestamptz[], $8::float8[], $9::float8[],
+                         $10::float8[], $11::timestamptz[])
+    ON CONFLICT DO NOTHING
+)
+SELECT 1"""
+
+
+def _batches(messages: list[tuple[str, bytes]]) -> tuple[list[FlushBatch], int]:
+    """The backlog's readings as flush batches of FLUSH_READINGS, built beforehand."""
     now = datetime.now(UTC)
     batches: list[FlushBatch] = []
     batch = FlushBatch()
@@ -79,76 +106,140 @@ async def ceiling(dsn: str, messages: list[tuple[str, bytes]], connections: int)
                 batches.append(batch)
                 batch = FlushBatch()
     batches.append(batch)
+    return batches, count
+
+
+async def _from_connections(
+    dsn: str, batches: list[FlushBatch], connections: int, write: Any
+) -> float:
+    """Seconds to write every batch from `connections` connections at once."""
     conns = [await asyncpg.connect(dsn) for _ in range(connections)]
 
-    async def write(conn: asyncpg.Connection, share: list[FlushBatch]) -> None:
-        for b in share:
-            await flush_batch(conn, b)
+    async def share(conn: asyncpg.Connection, mine: list[FlushBatch]) -> None:
+        for b in mine:
+            await write(conn, b)
 
     try:
         started = time.perf_counter()
-        await asyncio.gather(
-            *(write(conn, batches[n::connections]) for n, conn in enumerate(conns))
-        )
-        return count / (time.perf_counter() - started)
+        await asyncio.gather(*(share(c, batches[n::connections]) for n, c in enumerate(conns)))
+        return time.perf_counter() - started
     finally:
         for conn in conns:
             await conn.close()
 
 
-def drain(svc: Services, *, readings: int, array: int, runs: int) -> Result:
-    result = Result(
-        "mqtt-drain", {"readings": readings, "array": array, "flush_max_readings": FLUSH_READINGS}
+async def ceiling(dsn: str, messages: list[tuple[str, bytes]], connections: int) -> float:
+    """The daemon's own flush statement, straight from asyncpg with rows built beforehand, from
+    `connections` connections at once: readings a second."""
+    batches, count = _batches(messages)
+    return count / await _from_connections(dsn, batches, connections, flush_batch)
+
+
+async def _bare_write(conn: asyncpg.Connection, batch: FlushBatch) -> None:
+    columns: list[Any] = []
+    for stream, width in (("meter", 5), ("vehicle", 6)):
+        rows = batch.rows[stream]
+        columns.extend(list(zip(*rows, strict=True)) if rows else [() for _ in range(width)])
+    await conn.execute(BARE_INSERT, *columns)
+
+
+async def bare_insert(dsn: str, messages: list[tuple[str, bytes]], connections: int) -> float:
+    """The physical limit (BARE_TABLES): readings a second."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(BARE_TABLES)
+    finally:
+        await conn.close()
+    batches, count = _batches(messages)
+    return count / await _from_connections(dsn, batches, connections, _bare_write)
+
+
+def _drain_once(
+    svc: Services, messages: list[tuple[str, bytes]], total: int, tree: Path | None
+) -> dict[str, Any]:
+    """A stored backlog drained by one daemon (of this build, or of `tree`'s)."""
+    asyncio.run(reset(svc.dsn))
+    daemon = Daemon(svc, tree=tree, flush_max_readings=FLUSH_READINGS)
+    daemon.start()  # creates the persistent session and its subscriptions
+    daemon.stop()
+    publish_rate = publish_parallel(svc.broker.port, messages)
+    daemon = Daemon(
+        svc, tree=tree, flush_max_readings=FLUSH_READINGS, flush_concurrency=FLUSH_CONCURRENCY
     )
+    connected_at = daemon.start(until_ready=False)
+    box = BoxCpu()
+    cpu_before = daemon.cpu_s()
+    while True:
+        metrics = daemon.metrics()
+        if accepted(metrics) >= total:
+            break
+        time.sleep(0.05)
+    drain_s = metrics["energy_ingest_last_commit_unixtime"] - connected_at
+    cpu = daemon.cpu_s() - cpu_before
+    box_cpu = box.measure()
+    rss = daemon.peak_rss_mb()
+    daemon.stop()
+    return {
+        "readings": total,
+        "messages": len(messages),
+        "drain_s": round(drain_s, 3),
+        "readings_per_s": round(total / drain_s),
+        "daemon_cpu_share": round(cpu / drain_s, 3),
+        **box_cpu,
+        "peak_rss_mb": round(rss, 1),
+        "mean_flush_readings": round(
+            metrics["energy_ingest_flush_readings_sum"]
+            / metrics["energy_ingest_flush_readings_count"],
+            1,
+        ),
+        "backlog_publish_msgs_per_s": round(publish_rate),
+    }
+
+
+def drain(
+    svc: Services, *, readings: int, array: int, runs: int, compare_with: Path | None = None
+) -> Result:
+    result = Result(
+        "mqtt-drain",
+        {
+            "readings": readings,
+            "array": array,
+            "flush_max_readings": FLUSH_READINGS,
+            "bare_insert": "one statement per batch of 2,000 into plain tables shaped like the "
+            "history (key (device, ts) carrying the summed value), nothing else",
+            "before": str(compare_with) if compare_with else None,
+        },
+    )
+    builds: list[tuple[str, Path | None]] = [("after", None)]
+    if compare_with is not None:
+        builds.insert(0, ("before", compare_with))
     for run in range(runs):
-        asyncio.run(reset(svc.dsn))
         start = datetime.now(UTC) - timedelta(days=20) + timedelta(hours=run)
         messages = backlog(readings, array, start)
         total = sum(p.count(b'"timestamp"') for _, p in messages)
-        daemon = Daemon(svc, flush_max_readings=FLUSH_READINGS)
-        daemon.start()  # creates the persistent session and its subscriptions
-        daemon.stop()
-        publish_rate = publish_parallel(svc.broker.port, messages)
-        daemon = Daemon(svc, flush_max_readings=FLUSH_READINGS, flush_concurrency=FLUSH_CONCURRENCY)
-        connected_at = daemon.start(until_ready=False)
-        box = BoxCpu()
-        cpu_before = daemon.cpu_s()
-        while True:
-            metrics = daemon.metrics()
-            if accepted(metrics) >= total:
-                break
-            time.sleep(0.05)
-        drain_s = metrics["energy_ingest_last_commit_unixtime"] - connected_at
-        cpu = daemon.cpu_s() - cpu_before
-        box_cpu = box.measure()
-        rss = daemon.peak_rss_mb()
-        daemon.stop()
-        ceiling_rates = {}
+        limits: dict[str, float] = {}
         for connections in (1, FLUSH_CONCURRENCY):
             asyncio.run(reset(svc.dsn))
-            ceiling_rates[connections] = asyncio.run(ceiling(svc.dsn, messages, connections))
-        ceiling_rate = ceiling_rates[FLUSH_CONCURRENCY]
-        rate = total / drain_s
-        run_result: dict[str, Any] = {
-            "readings": total,
-            "messages": len(messages),
-            "drain_s": round(drain_s, 3),
-            "readings_per_s": round(rate),
-            "ceiling_1_connection_per_s": round(ceiling_rates[1]),
-            "ceiling_readings_per_s": round(ceiling_rate),
-            "ratio_to_ceiling": round(rate / ceiling_rate, 3),
-            "daemon_cpu_share": round(cpu / drain_s, 3),
-            **box_cpu,
-            "peak_rss_mb": round(rss, 1),
-            "mean_flush_readings": round(
-                metrics["energy_ingest_flush_readings_sum"]
-                / metrics["energy_ingest_flush_readings_count"],
-                1,
-            ),
-            "backlog_publish_msgs_per_s": round(publish_rate),
-        }
-        result.runs.append(run_result)
-        print(f"  run {run + 1}: {run_result}", flush=True)
+            limits[f"bare_{connections}"] = asyncio.run(bare_insert(svc.dsn, messages, connections))
+            asyncio.run(reset(svc.dsn))
+            limits[f"flush_{connections}"] = asyncio.run(ceiling(svc.dsn, messages, connections))
+        for build, tree in builds:
+            measured = _drain_once(svc, messages, total, tree)
+            rate = measured["readings_per_s"]
+            run_result: dict[str, Any] = {
+                "build": build,
+                "run": run + 1,
+                **measured,
+                "bare_insert_1_connection_per_s": round(limits["bare_1"]),
+                "bare_insert_per_s": round(limits[f"bare_{FLUSH_CONCURRENCY}"]),
+                "ratio_to_bare_insert_1_connection": round(rate / limits["bare_1"], 3),
+                "ratio_to_bare_insert": round(rate / limits[f"bare_{FLUSH_CONCURRENCY}"], 3),
+                "ceiling_1_connection_per_s": round(limits["flush_1"]),
+                "ceiling_readings_per_s": round(limits[f"flush_{FLUSH_CONCURRENCY}"]),
+                "ratio_to_ceiling": round(rate / limits[f"flush_{FLUSH_CONCURRENCY}"], 3),
+            }
+            result.runs.append(run_result)
+            print(f"  run {run + 1}: {run_result}", flush=True)
     return result
 
 

@@ -15,6 +15,7 @@ import pytest
 from api.app import App, create_app
 from api.openapi import ENDPOINTS
 from daemon.config import Settings
+from daemon.flushing import PoolFlush
 from daemon.probe import DatabaseStatus
 from daemon.readings import Limits
 from daemon.runtime import BrokerStatus, Runtime
@@ -66,7 +67,9 @@ async def app(request: pytest.FixtureRequest, db_url: str) -> AsyncIterator[App]
         operator_api_keys="op-key" if keyed else "",
     )
     pool = await create_pool(db_url, schema="public", max_size=2)
-    writer = Writer(pool, flush_max_readings=100, flush_interval_s=0.002, buffer_max_readings=100)
+    writer = Writer(
+        PoolFlush(pool), flush_max_readings=100, flush_interval_s=0.002, buffer_max_readings=100
+    )
     task = asyncio.create_task(writer.run())
     runtime = Runtime(
         settings=settings,

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 from daemon.embedded import (
-    SHIPPED_MOSQUITTO_CONF,
     EmbeddedMosquitto,
     EmbeddedPostgres,
     private_broker_config,
+    shipped_mosquitto_conf,
 )
 
 DELIVERY_SETTINGS = (
@@ -22,7 +22,7 @@ DELIVERY_SETTINGS = (
 
 def test_private_broker_keeps_every_delivery_setting_of_the_shipped_one() -> None:
     conf = private_broker_config(
-        SHIPPED_MOSQUITTO_CONF.read_text(),
+        shipped_mosquitto_conf().read_text(),
         port=1234,
         data=Path("/d"),
         log_file=Path("/l"),
@@ -38,7 +38,7 @@ def test_private_broker_keeps_every_delivery_setting_of_the_shipped_one() -> Non
 
 
 def test_shipped_broker_never_drops_queued_qos1_messages() -> None:
-    lines = SHIPPED_MOSQUITTO_CONF.read_text().splitlines()
+    lines = shipped_mosquitto_conf().read_text().splitlines()
     for setting in (*DELIVERY_SETTINGS, "allow_anonymous false"):
         assert setting in lines
 

@@ -153,6 +153,7 @@ async def test_hostile_http_bodies_get_4xx_with_a_reason_never_a_5xx(
                 )
                 if response.status_code >= 400:
                     detail = response.json()["detail"]
+                    assert isinstance(detail, list), (route, name, response.status_code, detail)
                     assert detail and all(p["message"] for p in detail), (route, name)
                 answers[response.status_code] = answers.get(response.status_code, 0) + 1
     assert peak_rss_mb(hostile_daemon) < RSS_CEILING_MB

@@ -249,3 +249,60 @@ def test_readings_at_the_timestamp_limits(daemon: DaemonProcess) -> None:
         daemon, "/v1/ingestion/meter", meter_body(meter, timestamp=iso(minutes_ago(60 * 24 * 31)))
     )
     assert old.status_code == 422 and old.json()["detail"][0]["field"] == "timestamp"
+
+
+async def test_a_conflict_is_recorded_never_merged_nor_called_a_duplicate(
+    daemon: DaemonProcess, db: asyncpg.Connection
+) -> None:
+    """The first value stored for (device, moment) stands; the same again is a duplicate;
+    other values are a conflict: not stored, recorded with both values, counted, answered
+    409 (one reading) or listed (a batch, first in order within it); the latest state is the
+    history's row. Below a microsecond, two readings are one moment."""
+    meter = new_id("CF")
+    first = meter_body(meter, kwhConsumedAc=1.25)
+    assert post(daemon, "/v1/ingestion/meter", first).json()["status"] == "accepted"
+    assert post(daemon, "/v1/ingestion/meter", first).json()["status"] == "duplicate"
+    other = {**first, "kwhConsumedAc": 9.5}
+    refused = post(daemon, "/v1/ingestion/meter", other)
+    assert refused.status_code == 409, refused.text
+    reason = refused.json()["detail"][0]["message"]
+    assert "conflict" in reason and "1.25" in reason and "9.5" in reason
+    later = meter_body(meter, minutes=0.5, kwhConsumedAc=2.0)
+    batch = post(
+        daemon,
+        "/v1/ingestion/meter/batch",
+        {"readings": [later, {**later, "kwhConsumedAc": 7.0}, later, other]},
+    ).json()
+    assert (batch["accepted"], batch["duplicates"], batch["conflicts"]) == (1, 1, 2), batch
+    assert sorted(r["index"] for r in batch["rejections"]) == [1, 3]
+    stored = await db.fetch(
+        "SELECT ts, kwh_consumed_ac FROM meter_readings WHERE meter_id = $1 ORDER BY ts", meter
+    )
+    assert [r["kwh_consumed_ac"] for r in stored] == [1.25, 2.0]
+    latest = await db.fetchval(
+        "SELECT kwh_consumed_ac FROM meter_latest WHERE meter_id = $1", meter
+    )
+    assert latest == 2.0  # the history's row, not the conflicting 7.0 of the same moment
+    recorded = await db.fetchval(
+        "SELECT count(*) FROM rejections WHERE reason LIKE 'conflict:%' AND payload LIKE $1",
+        f"%{meter}%",
+    )
+    assert recorded == 3
+    metrics = daemon.get("/metrics").text
+    assert 'energy_ingest_readings_total{outcome="conflict",stream="meter",transport="http"}' in (
+        metrics
+    )
+    # Digits past the sixth are the same moment: other values there are a conflict too.
+    at = minutes_ago(2).strftime("%Y-%m-%dT%H:%M:%S")
+    near = {**first, "timestamp": f"{at}.1234561Z", "kwhConsumedAc": 1.0}
+    assert post(daemon, "/v1/ingestion/meter", near).status_code == 201
+    nearer = {**near, "timestamp": f"{at}.1234569Z", "kwhConsumedAc": 3.0}
+    assert post(daemon, "/v1/ingestion/meter", nearer).status_code == 409
+
+
+def test_a_leap_second_is_refused_in_words(daemon: DaemonProcess) -> None:
+    body = meter_body(new_id("LS"), timestamp="2016-12-31T23:59:60Z")
+    answer = post(daemon, "/v1/ingestion/meter", body)
+    assert answer.status_code == 422
+    message = answer.json()["detail"][0]["message"]
+    assert "leap second" in message and "23:59:59.999999" in message

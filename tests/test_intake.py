@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from broker.connection import Delivery
 from broker.intake import MqttIntake
+from daemon.flushing import PoolFlush
 from daemon.metrics import Metrics
 from daemon.readings import Limits
 from daemon.writer import Writer
@@ -138,7 +139,7 @@ def messages(draw: st.DrawFn) -> tuple[str, bytes]:
 async def run_intake(db_url: str, batch: list[tuple[str, bytes]]) -> list[Delivery]:
     pool = await create_pool(db_url, schema="public", max_size=2)
     writer = Writer(
-        pool,
+        PoolFlush(pool),
         flush_max_readings=100,
         flush_interval_s=0.001,
         buffer_max_readings=100_000,

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import glob
+import os
 import re
+import signal
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.services import REPO
+from daemon.embedded import free_port
+from tests.services import REPO, wait_until
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
@@ -104,3 +111,95 @@ def test_every_file_the_pages_load_ships_with_the_package() -> None:
     for asset in re.findall(r'(?:src|href)="/(static/[^"]+)"', page):
         assert asset in shipped, asset
     assert "static/uplot/LICENSE" in shipped
+
+
+@pytest.mark.soak
+def test_a_wheel_installed_elsewhere_runs_with_no_configuration(tmp_path: Path) -> None:
+    """The wheel, installed (not editable) into a fresh virtual environment, runs
+    `energy-ingest run` with nothing configured: its private PostgreSQL and Mosquitto start
+    (the broker from the mosquitto.conf the wheel carries) and /health turns 200."""
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # Its dependencies from this environment (a .pth line adds the folder alone, not this
+    # environment's editable install of the project): the project itself from the wheel.
+    site = next(venv.glob("lib/python3*/site-packages"))
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = venv / "bin" / "python"
+    (wheel,) = wheels.glob("*.whl")
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"  # not the checkout: nothing of it is within reach
+    elsewhere.mkdir()
+    elsewhere.chmod(0o755)
+    port = free_port()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "MQTT_", "PYTHONPATH"))
+    }
+    env |= {"HTTP_PORT": str(port), "EMBEDDED_PG_PORT": "0", "EMBEDDED_MQTT_PORT": "0"}
+    daemon = subprocess.Popen(
+        [str(venv / "bin" / "energy-ingest"), "run"],
+        cwd=elsewhere,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        health = wait_until(lambda: _health(port), timeout_s=90, interval_s=0.5)
+        assert health["status"] == "ok", health
+        where = subprocess.run(
+            [str(python), "-c", "import daemon; print(daemon.__file__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=elsewhere,
+        ).stdout
+        assert str(site) in where, where  # the wheel's copy, not the checkout's
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        output, _ = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, output[-3000:]
+
+
+def _health(port: int) -> dict[str, Any] | None:
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    except httpx.HTTPError:
+        return None
+    body: dict[str, Any] = answer.json()
+    return body if answer.status_code == 200 else None

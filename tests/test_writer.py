@@ -9,11 +9,13 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from daemon.flushing import PoolFlush
 from daemon.readings import MeterReading, VehicleReading
 from daemon.writer import Outcome, Overloaded, Submission, Writer
 from db.migrate import migrate
 from db.partitions import upkeep
 from db.pool import create_pool
+from db.writes import FlushBatch, Stored
 from tests.services import running_postgres
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -47,7 +49,9 @@ async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 async def writer(pool: asyncpg.Pool) -> AsyncIterator[Writer]:
-    w = Writer(pool, flush_max_readings=100, flush_interval_s=0.02, buffer_max_readings=1000)
+    w = Writer(
+        PoolFlush(pool), flush_max_readings=100, flush_interval_s=0.02, buffer_max_readings=1000
+    )
     task = asyncio.create_task(w.run())
     yield w
     w.stop()
@@ -98,7 +102,8 @@ async def test_readings_without_a_partition_are_held_until_it_exists(
     writer: Writer, pool: asyncpg.Pool
 ) -> None:
     """A missing partition is the database's fault, not the readings': they are neither
-    rejected nor acknowledged, the rest is written, and they are stored once it exists."""
+    rejected nor acknowledged, the rest is written (the other reading of the same message
+    too, though the message waits), and they are stored once it exists."""
     next_year = NOW + timedelta(days=365)
     beyond = MeterReading.model_construct(
         meter_id="M2", kwh_consumed_ac=1.0, voltage=230.0, timestamp=next_year
@@ -108,10 +113,10 @@ async def test_readings_without_a_partition_are_held_until_it_exists(
     )
     assert (await writer.write([meter("M1", 1)], [], transport="http")).accepted == 1
     await asyncio.sleep(0.3)
-    assert not held.done() and writer.held_readings == 2
+    assert not held.done() and writer.held_readings == 1
     assert writer.last_failure is not None and writer.last_failure.sqlstate == "23514"
     async with pool.acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 1
+        assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
         assert await conn.fetchval("SELECT count(*) FROM rejections") == 0
         await upkeep(conn, schema="public", now=next_year, retention_days=400, lookahead_days=1)
     writer.retry_held_now()
@@ -122,7 +127,9 @@ async def test_readings_without_a_partition_are_held_until_it_exists(
 
 
 async def test_flush_size_triggers_a_flush_before_the_interval(pool: asyncpg.Pool) -> None:
-    writer = Writer(pool, flush_max_readings=5, flush_interval_s=30, buffer_max_readings=100)
+    writer = Writer(
+        PoolFlush(pool), flush_max_readings=5, flush_interval_s=30, buffer_max_readings=100
+    )
     task = asyncio.create_task(writer.run())
     try:
         outcome = await asyncio.wait_for(
@@ -135,7 +142,9 @@ async def test_flush_size_triggers_a_flush_before_the_interval(pool: asyncpg.Poo
 
 
 async def test_a_full_buffer_refuses_new_writes(pool: asyncpg.Pool) -> None:
-    writer = Writer(pool, flush_max_readings=1000, flush_interval_s=30, buffer_max_readings=3)
+    writer = Writer(
+        PoolFlush(pool), flush_max_readings=1000, flush_interval_s=30, buffer_max_readings=3
+    )
     writer.submit(Submission([meter("M1", m) for m in range(3)], [], lambda o: None, "mqtt"))
     with pytest.raises(Overloaded):
         await writer.write([meter("M1", 10)], [], transport="http")
@@ -149,7 +158,9 @@ async def test_writes_wait_out_a_database_outage() -> None:
         await upkeep(conn, schema="public", now=NOW, retention_days=30, lookahead_days=3)
         await conn.close()
         pool = await create_pool(url, schema="public", max_size=2)
-        writer = Writer(pool, flush_max_readings=10, flush_interval_s=0.01, buffer_max_readings=99)
+        writer = Writer(
+            PoolFlush(pool), flush_max_readings=10, flush_interval_s=0.01, buffer_max_readings=99
+        )
         task = asyncio.create_task(writer.run())
         try:
             await asyncio.to_thread(pg.stop)
@@ -168,10 +179,14 @@ async def test_writes_wait_out_a_database_outage() -> None:
             await pool.close()
 
 
+async def never_flushes(batch: FlushBatch) -> dict[str, Stored]:
+    raise AssertionError("no flusher runs in this test")
+
+
 async def test_a_caller_waiting_for_a_commit_that_does_not_come_hears_overloaded() -> None:
     # No flusher runs: nothing ever commits. Pure logic, no database needed.
     writer = Writer(
-        None,
+        never_flushes,
         flush_max_readings=100,
         flush_interval_s=0.01,
         buffer_max_readings=1000,

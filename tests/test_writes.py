@@ -45,15 +45,17 @@ async def test_readings_land_in_history_and_latest(conn: asyncpg.Connection) -> 
 async def test_duplicate_reading_is_stored_once_and_reported(conn: asyncpg.Connection) -> None:
     await flush(conn, meters=[meter_row("M1", 1)])
     inserted = await flush(conn, meters=[meter_row("M1", 1), meter_row("M1", 0)])
-    assert inserted["meter"] == Stored(1, {("M1", NOW)})
+    earlier = ("M1", NOW - timedelta(minutes=1))
+    # What was stored now, and what the other key already held (to tell a copy from a
+    # conflict).
+    assert inserted["meter"] == Stored(1, {("M1", NOW)}, {earlier: (1.0, 230.0)})
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
 
 
 async def test_same_reading_twice_in_one_batch_is_stored_once(conn: asyncpg.Connection) -> None:
+    # (The writer sends each key once; the statement alone stores a key twice offered once.)
     inserted = await flush(conn, meters=[meter_row("M1", 1), meter_row("M1", 1)])
     assert inserted["meter"] == Stored(1, {("M1", NOW - timedelta(minutes=1))})
-    assert inserted["meter"].is_new(("M1", NOW - timedelta(minutes=1)))
-    assert not inserted["meter"].is_new(("M1", NOW - timedelta(minutes=1)))  # the second copy
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 1
 
 
@@ -84,5 +86,16 @@ async def test_a_refused_row_rolls_back_the_whole_batch(conn: asyncpg.Connection
 async def test_a_batch_of_duplicates_only_stores_nothing(conn: asyncpg.Connection) -> None:
     await flush(conn, meters=[meter_row("M1", 1)])
     inserted = await flush(conn, meters=[meter_row("M1", 1)])
-    assert inserted["meter"] == Stored(0, set())
-    assert not inserted["meter"].is_new(("M1", NOW - timedelta(minutes=1)))
+    key = ("M1", NOW - timedelta(minutes=1))
+    assert inserted["meter"] == Stored(0, set(), {key: (1.0, 230.0)})
+    assert not inserted["meter"].is_new(key)
+
+
+async def test_the_latest_state_is_what_the_history_took(conn: asyncpg.Connection) -> None:
+    """A reading at a stored moment with other values changes neither the history nor the
+    latest state (they used to disagree: the latest row came from what was offered)."""
+    await flush(conn, meters=[meter_row("M1", 1)])
+    await flush(conn, meters=[("M1", NOW - timedelta(minutes=1), 9.0, 231.0, NOW)])
+    history = await conn.fetchval("SELECT kwh_consumed_ac FROM meter_readings")
+    latest = await conn.fetchval("SELECT kwh_consumed_ac FROM meter_latest")
+    assert history == latest == 1.0
