@@ -69,8 +69,7 @@ class Submission:
     _open: int = field(init=False)
     _accepted: int = field(init=False, default=0)
     _duplicates: int = field(init=False, default=0)
-    _conflicts: list[tuple[int, str]] = field(init=False, default_factory=list)
-    _refused: list[tuple[int, str]] = field(init=False, default_factory=list)
+    _verdicts: list[tuple[str, int, str]] | None = field(init=False, default=None)
     settled: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -87,32 +86,42 @@ class Submission:
             self._accepted += 1
         elif kind == DUPLICATE:
             self._duplicates += 1
-        elif kind == CONFLICT:
-            self._conflicts.append((position, reason))
-        else:
-            self._refused.append((position, reason))
-        self._close_one()
+        else:  # CONFLICT or REFUSED, with why
+            if self._verdicts is None:
+                self._verdicts = []
+            self._verdicts.append((kind, position, reason))
+        self._close(1)
+
+    def resolve_stored(self, count: int) -> None:
+        """`count` readings stored, committed (the common case: one call a submission)."""
+        self._accepted += count
+        self._close(count)
 
     def records_written(self) -> None:
         """Its own rejection records are committed."""
-        self._close_one()
+        self._close(1)
 
-    def _close_one(self) -> None:
-        self._open -= 1
-        if self._open == 0:
-            self.settled = True
+    def _close(self, count: int) -> None:
+        self._open -= count
+        if self._open > 0:
+            return
+        if self._open < 0 or self.settled:
+            raise AssertionError("a submission settled twice")
+        self.settled = True
+        if self._verdicts is None:
+            outcome = Outcome(self._accepted, self._duplicates)
+        else:
+            verdicts = sorted(self._verdicts)
             outcome = Outcome(
                 self._accepted,
                 self._duplicates,
-                tuple(sorted(self._conflicts)),
-                tuple(sorted(self._refused)),
+                tuple((p, r) for kind, p, r in verdicts if kind == CONFLICT),
+                tuple((p, r) for kind, p, r in verdicts if kind == REFUSED),
             )
-            try:
-                self.on_settled(outcome)
-            except Exception:  # one caller's failing callback must not stop the flusher
-                log.exception("on_settled callback failed")
-        elif self._open < 0:
-            raise AssertionError("a submission settled twice")
+        try:
+            self.on_settled(outcome)
+        except Exception:  # one caller's failing callback must not stop the flusher
+            log.exception("on_settled callback failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,26 +134,26 @@ class Verdict:
     record: RejectionRow
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class Piece:
     """The part of a submission one transaction writes: some of its readings (`positions`;
     None for all), maybe its own rejection records, or verdicts."""
 
-    submission: Submission
-    positions: tuple[int, ...] | None = None
-    own_records: bool = True
-    verdicts: tuple[Verdict, ...] = ()
+    __slots__ = ("own_records", "positions", "reading_count", "submission", "verdicts", "weight")
 
-    @property
-    def weight(self) -> int:
-        """Readings it settles (0 for records alone)."""
-        return self.reading_count + len(self.verdicts)
-
-    @property
-    def reading_count(self) -> int:
-        if self.positions is None:
-            return len(self.submission.readings)
-        return len(self.positions)
+    def __init__(
+        self,
+        submission: Submission,
+        positions: tuple[int, ...] | None = None,
+        own_records: bool = True,
+        verdicts: tuple[Verdict, ...] = (),
+    ) -> None:
+        self.submission = submission
+        self.positions = positions
+        self.own_records = own_records
+        self.verdicts = verdicts
+        self.reading_count = len(submission.readings) if positions is None else len(positions)
+        # Readings it settles (0 for records alone): what it counts for in the buffer.
+        self.weight = self.reading_count + len(verdicts)
 
     def readings(self) -> Iterator[tuple[int, Reading]]:
         readings = self.submission.readings
@@ -156,7 +165,7 @@ class Piece:
 
     def records(self) -> list[RejectionRow]:
         own = list(self.submission.rejections) if self.own_records else []
-        return own + [v.record for v in self.verdicts]
+        return own + [v.record for v in self.verdicts] if self.verdicts else own
 
     def units(self) -> int:
         """Outcomes it can settle: its readings, its own records (one), its verdicts."""
@@ -218,81 +227,99 @@ def row_of(reading: Reading, received_at: datetime) -> tuple[str, Row]:
 
 @dataclass(slots=True)
 class Batch:
-    """The rows of one transaction (each (device, ts) once: the first in order), and where
-    each reading of the pieces went."""
+    """The rows of one transaction, in the order of the pieces: a (device, ts) twice in it is
+    stored once, the first in order (the history's insert skips the later one)."""
 
     rows: FlushBatch
-    # Each reading of the pieces: (piece, position, stream, key, values, first occurrence?)
-    placed: list[tuple[Piece, int, str, Key, tuple[Any, ...], bool]]
+    pieces: Sequence[Piece]
 
 
 def batch_of(pieces: Sequence[Piece]) -> Batch:
     rows = FlushBatch()
-    placed: list[tuple[Piece, int, str, Key, tuple[Any, ...], bool]] = []
-    seen: set[tuple[str, Key]] = set()
+    kept = rows.rows
     for piece in pieces:
-        received_at = piece.submission.received_at
-        for position, reading in piece.readings():
+        submission = piece.submission
+        received_at = submission.received_at
+        readings = submission.readings
+        if piece.positions is not None:
+            readings = [readings[p] for p in piece.positions]
+        for reading in readings:
             stream, row = row_of(reading, received_at)
-            key: Key = (row[0], row[1])
-            first = (stream, key) not in seen
-            if first:
-                seen.add((stream, key))
-                rows.rows[stream].append(row)
-            placed.append((piece, position, stream, key, row[2:-1], first))
-        rows.rejections.extend(piece.records())
-    return Batch(rows, placed)
+            kept[stream].append(row)
+        if piece.own_records and submission.rejections:
+            rows.rejections.extend(submission.rejections)
+        for verdict in piece.verdicts:
+            rows.rejections.append(verdict.record)
+    return Batch(rows, pieces)
 
 
-def settle(
-    pieces: Sequence[Piece], batch: Batch, stored: dict[str, Stored], metrics: Metrics
-) -> list[Piece]:
+def settle(batch: Batch, stored: dict[str, Stored], metrics: Metrics) -> list[Piece]:
     """After the commit: each reading's outcome, each piece's records written. Returns the
     pieces still to write: a record for each conflict (the reading settles with it)."""
     committed_at = datetime.now(UTC)
     counts: Counter[tuple[str, str, str]] = Counter()
     follow_ups: list[Piece] = []
-    firsts: dict[tuple[str, Key], tuple[Any, ...]] = {}
-    for piece, position, stream, key, values, first in batch.placed:
-        result = stored[stream]
-        submission = piece.submission
-        if first and result.is_new(key):
-            firsts[(stream, key)] = values
-            kind = STORED
-        else:
-            reference = firsts.get((stream, key), result.before.get(key))
-            kind = DUPLICATE if reference is None or reference == values else CONFLICT
-        counts[kind, stream, submission.transport] += 1
-        if kind == CONFLICT:
-            follow_ups.append(conflict_piece(piece, position, reference or ()))
-        else:
-            submission.resolve(kind, position)
-    _observe(pieces, committed_at, metrics)
-    for piece in pieces:
-        if piece.own_records and piece.submission.rejections:
-            piece.submission.records_written()
-        for verdict in piece.verdicts:
-            piece.submission.resolve(verdict.kind, verdict.position, verdict.reason)
-    for (kind, stream, transport), n in counts.items():
-        metrics.readings.labels("accepted" if kind == STORED else kind, stream, transport).inc(n)
-    metrics.stored_rate.add(sum(n for (kind, _, _), n in counts.items() if kind == STORED))
-    return follow_ups
-
-
-def _observe(pieces: Sequence[Piece], committed_at: datetime, metrics: Metrics) -> None:
-    """The lags to commit, once per message or request: from its newest reading (a gateway's
-    backlog array is old by design) and from its arrival."""
+    pieces = batch.pieces
+    # (Every row stored means no (device, ts) came twice either.)
+    all_new = all(r.keys is None for r in stored.values())
+    if not all_new:
+        follow_ups = _classify(pieces, stored, counts)
     reading_lags: list[float] = []
     receive_lags: list[float] = []
     for piece in pieces:
-        readings = piece.submission.readings
-        if not readings or piece.positions is not None:
-            continue
-        newest = readings[0].timestamp if len(readings) == 1 else max(r.timestamp for r in readings)
-        reading_lags.append((committed_at - newest).total_seconds())
-        receive_lags.append((committed_at - piece.submission.received_at).total_seconds())
+        submission = piece.submission
+        readings = submission.readings
+        n = piece.reading_count
+        if all_new and n:  # every reading new (the common case): one count a piece
+            stream = METER if type(readings[0]) is MeterReading else VEHICLE
+            counts[STORED, stream, submission.transport] += n
+            submission.resolve_stored(n)
+        if n and piece.positions is None:  # the lags, once per message or request
+            newest = readings[0].timestamp if n == 1 else max(r.timestamp for r in readings)
+            reading_lags.append((committed_at - newest).total_seconds())
+            receive_lags.append((committed_at - submission.received_at).total_seconds())
+        if piece.own_records and submission.rejections:
+            submission.records_written()
+        for verdict in piece.verdicts:
+            submission.resolve(verdict.kind, verdict.position, verdict.reason)
+    # (From its newest reading: a gateway's backlog array is old by design.)
     metrics.lag_seconds.observe_many("reading", reading_lags)
     metrics.lag_seconds.observe_many("receive", receive_lags)
+    for (kind, stream, transport), count in counts.items():
+        metrics.readings.labels("accepted" if kind == STORED else kind, stream, transport).inc(
+            count
+        )
+    metrics.stored_rate.add(sum(c for (kind, _, _), c in counts.items() if kind == STORED))
+    return follow_ups
+
+
+def _classify(
+    pieces: Sequence[Piece], stored: dict[str, Stored], counts: Counter[tuple[str, str, str]]
+) -> list[Piece]:
+    """Reading by reading: stored (the first of its key in the batch, stored now), else a
+    duplicate or a conflict of what is stored (stored now by a reading before it in the
+    batch, or stored before)."""
+    follow_ups: list[Piece] = []
+    firsts: dict[tuple[str, Key], tuple[Any, ...]] = {}
+    for piece in pieces:
+        submission = piece.submission
+        for position, reading in piece.readings():
+            stream, row = row_of(reading, submission.received_at)
+            key: Key = (row[0], row[1])
+            values = row[2:-1]
+            result = stored[stream]
+            if (stream, key) not in firsts and result.is_new(key):
+                firsts[(stream, key)] = values
+                kind = STORED
+            else:
+                reference = firsts.get((stream, key), result.before.get(key))
+                kind = DUPLICATE if reference is None or reference == values else CONFLICT
+            counts[kind, stream, submission.transport] += 1
+            if kind == CONFLICT:
+                follow_ups.append(conflict_piece(piece, position, reference or ()))
+            else:
+                submission.resolve(kind, position)
+    return follow_ups
 
 
 def conflict_piece(piece: Piece, position: int, stored_values: tuple[Any, ...]) -> Piece:

@@ -122,6 +122,7 @@ class Flusher:
         self.held_since: float | None = None
         self.last_failure: DatabaseFailure | None = None
         self.retry_held_now = asyncio.Event()
+        self.rejections_written = 0  # (the bound on the table is kept once some were)
         self._logged: dict[str, float] = {}
         self._bugs_logged: set[type[BaseException]] = set()
 
@@ -140,7 +141,8 @@ class Flusher:
         self._metrics.flush_seconds.observe(time.perf_counter() - started)
         self._metrics.last_commit.set(time.time())
         self._metrics.flush_size.observe(sum(len(r) for r in batch.rows.rows.values()))
-        follow_ups = settle(pieces, batch, stored, self._metrics)
+        self.rejections_written += len(batch.rows.rejections)
+        follow_ups = settle(batch, stored, self._metrics)
         if follow_ups:
             self._follow_up(follow_ups)
         return None

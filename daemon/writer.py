@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from daemon.batches import Outcome, Overloaded, Piece, Submission, whole
+from daemon.batches import Outcome, Overloaded, Piece, Submission
 from daemon.flushing import Flush, Flusher, Timing
 from daemon.metrics import Metrics
 from daemon.readings import Reading
@@ -81,7 +81,6 @@ class Writer:
             on_failure=self._on_failure,
             follow_up=self._follow_up,
         )
-        self.rejections_written = 0
         # HTTP callers waiting for their settlement: (deadline, sequence, future, timeout).
         self._deadlines: list[tuple[float, int, asyncio.Future[Outcome], float]] = []
         self._seq = 0
@@ -121,6 +120,10 @@ class Writer:
         return self.flusher.held_since
 
     @property
+    def rejections_written(self) -> int:
+        return self.flusher.rejections_written
+
+    @property
     def last_failure(self) -> DatabaseFailure | None:
         return self.flusher.last_failure
 
@@ -155,7 +158,7 @@ class Writer:
                 told(outcome)
 
             submission.on_settled = settled
-        self._queue(whole(submission))
+        self._queue(Piece(submission))
 
     def _queue(self, piece: Piece, *, first: bool = False) -> None:
         if not self._pending:
@@ -277,7 +280,7 @@ class Writer:
             if not self._pending:
                 self._slots.release()
                 continue
-            flush = asyncio.create_task(self._flush(self._take()))
+            flush = asyncio.create_task(self._flush(*self._take()))
             self._flushes.add(flush)
             flush.add_done_callback(self._flush_done)
 
@@ -301,28 +304,29 @@ class Writer:
             async with asyncio.timeout(remaining):
                 await self._enough.wait()
 
-    def _take(self) -> list[Piece]:
+    def _take(self) -> tuple[list[Piece], int]:
+        """The next batch, and its weight (readings)."""
         taken: list[Piece] = []
-        count = 0
-        while self._pending and (
-            not taken or count + max(1, self._pending[0].weight) <= self._flush_max
-        ):
-            piece = self._pending.popleft()
-            taken.append(piece)
-            count += max(1, piece.weight)
-        weight = sum(p.weight for p in taken)
+        pending = self._pending
+        count = weight = 0
+        while pending:
+            next_weight = pending[0].weight
+            if taken and count + max(1, next_weight) > self._flush_max:
+                break
+            taken.append(pending.popleft())
+            count += max(1, next_weight)
+            weight += next_weight
         self._pending_weight -= weight
         self._inflight_weight += weight
-        if self._pending:
+        if pending:
             self._oldest_at = time.monotonic()
-        return taken
+        return taken, weight
 
-    async def _flush(self, pieces: list[Piece]) -> None:
+    async def _flush(self, pieces: list[Piece], weight: int) -> None:
         try:
             await self.flusher.commit(pieces)
-            self.rejections_written += sum(len(p.records()) for p in pieces)
         finally:
-            self._inflight_weight -= sum(p.weight for p in pieces)
+            self._inflight_weight -= weight
             self._room()
 
     def _room(self) -> None:

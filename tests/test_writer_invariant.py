@@ -69,13 +69,14 @@ class MemoryDatabase:
                 raise DataFailure("23514 CheckViolationError: voltage_check", sqlstate="23514")
             if (row[0], row[1]) in self.unplaceable:
                 raise PersistentFailure("23514 no partition of relation", sqlstate="23514")
-        assert len({(r[0], r[1]) for r in rows}) == len(rows), "a key twice in one batch"
         new: set[Key] = set()
         before: dict[Key, tuple[Any, ...]] = {}
-        for row in rows:
+        for row in rows:  # (as PostgreSQL: a key twice in a batch, the first stored)
             key = (row[0], row[1])
+            if key in new:
+                continue
             if key in self.history:
-                before[key] = self.history[key]
+                before[key] = self.history[key]  # what the statement's snapshot saw
             else:
                 self.history[key] = row[2:-1]
                 new.add(key)
