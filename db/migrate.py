@@ -52,12 +52,7 @@ def lock_key(schema: str, purpose: str) -> str:
 async def migrate(conn: asyncpg.Connection, *, schema: str) -> list[Migration]:
     """Apply the pending migrations; returns those this call applied."""
     applied_now: list[Migration] = []
-    # What a migration says it changed (RAISE NOTICE) goes to the log.
-    conn.add_log_listener(_said)
-    try:
-        await _apply(conn, schema, applied_now)
-    finally:
-        conn.remove_log_listener(_said)
+    await _apply(conn, schema, applied_now)
     for migration in applied_now:
         log.info("applied migration %04d_%s", migration.version, migration.name)
     return applied_now
@@ -79,7 +74,12 @@ async def _apply(conn: asyncpg.Connection, schema: str, applied_now: list[Migrat
         for migration in available_migrations():
             if migration.version in done:
                 continue
-            await conn.execute(migration.sql)
+            # What a migration says it changed (RAISE NOTICE) goes to the log.
+            conn.add_log_listener(_said)
+            try:
+                await conn.execute(migration.sql)
+            finally:
+                conn.remove_log_listener(_said)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                 migration.version,
