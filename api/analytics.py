@@ -12,10 +12,10 @@ from api.auth import require
 from api.body import problem
 from api.responses import JSON, ApiError
 from api.state import reads_of, runtime_of
-from daemon.config import Settings
-from daemon.readings import OUT_OF_CALENDAR, is_device_id
 from db import analytics
 from db.windows import Piece, pieces
+from ingest.config import Settings
+from ingest.readings import OUT_OF_CALENDAR, is_device_id
 
 KWH_DECIMALS = 6
 RATIO_DECIMALS = 4

@@ -26,7 +26,7 @@ from api.auth import Handler
 from api.database import ReadGate
 from api.openapi import ENDPOINTS, openapi_document
 from api.responses import JSON, ApiError
-from daemon.runtime import Runtime
+from api.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from api.responses import ApiError, unavailable
-from daemon.metrics import Metrics
 from db.errors import DATABASE_ERRORS, DataFailure, classify
+from ingest.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from api.body import limit_param, problem
 from api.responses import ApiError
 from api.state import reads_of, runtime_of
 from api.streaming import csv_rows, json_object
-from daemon.readings import is_device_id
 from db import analytics
+from ingest.readings import is_device_id
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 10_000

@@ -1,7 +1,7 @@
 """Ingestion routes (SPEC §4), compatible with the firmware already in the field.
 
-Every route goes through the same validation (`daemon.readings`) and the same buffer and
-transactional flush as MQTT (`daemon.writer`); a 201 is sent only after the commit.
+Every route goes through the same validation (`ingest.readings`) and the same buffer and
+transactional flush as MQTT (`ingest.writer`); a 201 is sent only after the commit.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from starlette.requests import Request
 from api.auth import require
 from api.body import JsonBody, problem, read_json
 from api.responses import JSON, ApiError, unavailable
+from api.runtime import Runtime
 from api.state import runtime_of
-from daemon.readings import (
+from db.writes import RejectionRow, payload_text
+from ingest.readings import (
     ID_FIELDS,
     ParsedPayload,
     Problem,
@@ -26,9 +28,7 @@ from daemon.readings import (
     Stream,
     validate_reading,
 )
-from daemon.runtime import Runtime
-from daemon.writer import Outcome, Overloaded, Submission
-from db.writes import RejectionRow, payload_text
+from ingest.writer import Outcome, Overloaded, Submission
 
 RETRY_AFTER_S = 2
 

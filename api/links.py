@@ -14,8 +14,8 @@ from api.database import control_connection
 from api.responses import JSON, ApiError
 from api.schemas import LinkRequest
 from api.state import reads_of, runtime_of
-from daemon.readings import is_device_id
 from db.sessions import SessionRow, link, sessions_of, unlink
+from ingest.readings import is_device_id
 
 SESSIONS_DEFAULT_LIMIT = 50
 SESSIONS_MAX_LIMIT = 1000

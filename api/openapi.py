@@ -33,7 +33,7 @@ from api.schemas import (
     VehicleBatch,
     VehicleStatus,
 )
-from daemon.readings import MeterReading, VehicleReading
+from ingest.readings import MeterReading, VehicleReading
 
 API_VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"

@@ -13,11 +13,12 @@ from starlette.responses import Response
 
 from api.auth import OPEN_NOTICE, require
 from api.responses import JSON, ApiError
+from api.runtime import Runtime
 from api.state import reads_of, runtime_of
-from daemon.probe import DatabaseStatus
-from daemon.readings import is_device_id
-from daemon.runtime import Runtime
 from db import reads
+from db.probe import DatabaseStatus
+from ingest.readings import is_device_id
+from ingest.writer import WriterStatus
 
 REJECTIONS_DEFAULT_LIMIT = 100
 REJECTIONS_MAX_LIMIT = 1000
@@ -42,7 +43,7 @@ _JSON_NAMES = {
 
 async def health(request: Request) -> JSON:
     """Readiness in parts, from what the daemon already knows: never a query of its own, so
-    that /health answers at once however busy the database is (`daemon.probe` asks it, on a
+    that /health answers at once however busy the database is (`db.probe` asks it, on a
     connection of its own, every second)."""
     body = _state(runtime_of(request))
     return JSON(body, status_code=200 if body["status"] == "ok" else 503)
@@ -53,7 +54,8 @@ def _state(runtime: Runtime) -> dict[str, Any]:
     (up or only busy), every subscription is granted and partition upkeep works. The
     replica, when reads go to one, is reported, not required: without it operators' reads
     fail, ingestion does not."""
-    database = _writes_check(runtime) or _check(runtime.database_status())
+    writer = runtime.writer.status()
+    database = _writes_check(writer) or _check(runtime.database_status())
     broker = runtime.broker_status()
     upkeep = runtime.upkeep_status()
     ready = database["ok"] and broker.ready and upkeep.ok
@@ -65,7 +67,7 @@ def _state(runtime: Runtime) -> dict[str, Any]:
         "broker": {"ok": broker.ready, "detail": broker.detail},
         "partitions": {"ok": upkeep.ok, "detail": upkeep.detail},
         "buffer": {
-            "depth": runtime.writer.depth,
+            "depth": writer.depth,
             "max": runtime.settings.buffer_max_readings,
         },
         "auth": "api keys required" if runtime.settings.api_keys else OPEN_NOTICE,
@@ -125,12 +127,10 @@ async def overview(request: Request) -> JSON:
     return JSON(body)
 
 
-def _writes_check(runtime: Runtime) -> dict[str, Any] | None:
+def _writes_check(writer: WriterStatus) -> dict[str, Any] | None:
     """Why the last writes failed, while they do: PostgreSQL may answer a query and still
     refuse every write (a missing partition, permissions, a full disk, a read-only node)."""
-    writer = runtime.writer
-    failure = writer.last_failure
-    cause = failure.detail if failure else "?"
+    cause = writer.failure or "?"
     if writer.held_readings and writer.held_since is not None:
         since = datetime.fromtimestamp(writer.held_since, UTC).isoformat(timespec="seconds")
         detail = f"{writer.held_readings} readings held back since {since}: {cause}"

@@ -1,5 +1,5 @@
 """Bodies the HTTP API takes and gives, as pydantic models: the OpenAPI document is generated
-from these (and from the reading models of `daemon.readings`), never written by hand."""
+from these (and from the reading models of `ingest.readings`), never written by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from daemon.readings import DeviceId, MeterReading, VehicleReading
+from ingest.readings import DeviceId, MeterReading, VehicleReading
 
 
 class _Body(BaseModel):

@@ -9,9 +9,9 @@ from api.auth import require
 from api.body import problem
 from api.responses import JSON, ApiError
 from api.state import reads_of, runtime_of
-from daemon.readings import is_device_id
 from db import analytics
 from db.series import BUCKETS, vehicle_series
+from ingest.readings import is_device_id
 
 
 @require("operator")

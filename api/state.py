@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from api.database import ReadGate
-from daemon.runtime import Runtime
+from api.runtime import Runtime
 
 
 def runtime_of(request: Request) -> Runtime:

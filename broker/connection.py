@@ -22,7 +22,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -47,20 +46,32 @@ class BrokerTooOld(Exception):
     """The broker answered in MQTT 3.1.1: it cannot serve an MQTT 5 client."""
 
 
+class Channel(Protocol):
+    """Where a delivery came from, and where its acknowledgement goes back."""
+
+    def acknowledge(self, delivery: Delivery) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     topic: str
     payload: bytes
     qos: int
     packet_id: int  # 0 for QoS 0
-    generation: int  # the connection that delivered it: acks go back on that one only
+    generation: int  # the connection that delivered it (a later one has a higher number)
+    channel: Channel  # that connection: the acknowledgement goes back on it only
+
+    def ack(self) -> None:
+        """Acknowledge it (once the transaction holding it has committed)."""
+        self.channel.acknowledge(self)
 
 
 class Owner(Protocol):
     """What a connection reports to the session that owns it (broker.subscriber)."""
 
     paused: bool
-    on_delivery: Callable[[Delivery], None]
+
+    def on_delivery(self, delivery: Delivery) -> None: ...
 
     def on_suback(self, connection: Connection, suback: mqtt5.SubAckPacket) -> None: ...
 
@@ -118,6 +129,7 @@ class Connection(asyncio.Protocol):
             )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
         if not self.connack.done():
             self.connack.set_exception(ConnectionError(f"closed before CONNACK ({exc or 'EOF'})"))
         if not self.closed.done():
@@ -176,7 +188,12 @@ class Connection(asyncio.Protocol):
 
     def _deliver(self, packet: mqtt5.PublishPacket) -> None:
         delivery = Delivery(
-            packet.topic, packet.payload, packet.qos.value, packet.packet_id or 0, self.generation
+            packet.topic,
+            packet.payload,
+            packet.qos.value,
+            packet.packet_id or 0,
+            self.generation,
+            self,
         )
         try:
             self.owner.on_delivery(delivery)
@@ -235,6 +252,16 @@ class Connection(asyncio.Protocol):
         if self._outgoing and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self._outgoing))
         self._outgoing.clear()
+
+    def acknowledge(self, delivery: Delivery) -> None:
+        """PUBACK (QoS 1) or PUBREC (QoS 2; the broker's PUBREL is answered with PUBCOMP).
+        Nothing once this connection is closing: the broker delivers it again on the next."""
+        if delivery.qos == 0 or self.closing:
+            return
+        if delivery.qos == 1:
+            self.send(mqtt5.PubAckPacket(delivery.packet_id).write())
+        else:
+            self.send(mqtt5.PubRecPacket(delivery.packet_id).write())
 
     def ping(self) -> None:
         if self.ping_sent_at is None:

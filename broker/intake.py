@@ -13,14 +13,14 @@ other device's readings waiting behind it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from broker.connection import Delivery
 from broker.topics import parse_topic
-from daemon.readings import Limits, ParsedPayload, Reading, parse_payload, whole_payload
-from daemon.writer import Overloaded, Submission, Writer
 from db.writes import RejectionRow, payload_text
+from ingest.readings import Limits, ParsedPayload, Reading, parse_payload, whole_payload
+from ingest.writer import Overloaded, Submission, Writer
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,10 @@ class MqttIntake:
         self,
         *,
         writer: Writer,
-        ack: Callable[[Delivery], None],
         limits: Limits,
         payload_max_bytes: int,
     ) -> None:
         self._writer = writer
-        self._ack = ack
         self._limits = limits
         self._payload_max_bytes = payload_max_bytes
         self._failures_logged: set[type[BaseException]] = set()
@@ -51,6 +49,20 @@ class MqttIntake:
         except Overloaded:
             # Not acked: the broker keeps it and delivers it again after the restart.
             log.info("shutting down; %s left to the broker", delivery.topic)
+
+    def has_room(self) -> bool:
+        return not self._writer.full
+
+    def forget(self, generation: int) -> None:
+        """The broker delivers again every unacked QoS 1 message of that connection: drop
+        the copies still waiting here rather than hold them twice."""
+
+        def stale(s: Submission) -> bool:
+            return isinstance(s.tag, int) and s.tag <= generation
+
+        dropped = self._writer.drop_pending(stale)
+        if dropped:
+            log.info("dropped %d unflushed MQTT messages; the broker redelivers them", dropped)
 
     def _submission(self, delivery: Delivery, now: datetime) -> Submission:
         route = parse_topic(delivery.topic)
@@ -98,7 +110,7 @@ class MqttIntake:
         return Submission(
             readings,
             rejections,
-            on_settled=lambda _: self._ack(delivery),
+            on_settled=lambda _: delivery.ack(),
             transport="mqtt",
             received_at=now,
             tag=delivery.generation if delivery.qos > 0 else None,

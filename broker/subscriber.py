@@ -8,10 +8,10 @@
   filter at the QoS asked for. A refusal (an ACL change, say) or a lower QoS is an error in
   the log, a reason on /health and in the metrics, and the SUBSCRIBE is sent again with
   back-off.
-- **Acknowledged after commit.** `ack` is called once the transaction holding a message has
-  committed; it answers on the connection that delivered the message only (after a
-  reconnect the broker delivers the unacked ones again, and the (device, timestamp)
-  identity absorbs the copy).
+- **Acknowledged after commit.** `Delivery.ack` is called once the transaction holding a
+  message has committed; it answers on the connection that delivered the message only
+  (after a reconnect the broker delivers the unacked ones again, and the (device,
+  timestamp) identity absorbs the copy).
 - **Back-off** is exponential with jitter, and starts again from the shortest only after a
   connection has stayed up: two clients taking one session from each other slow down
   instead of kicking each other off several times a second.
@@ -26,14 +26,15 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import mqtt5
 
 from broker.connection import BrokerTooOld, Connection, Delivery
 from broker.reasons import in_words, label
-from daemon.metrics import Metrics
+from ingest.lifecycle import Component, Deadline
+from ingest.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 # A connection that lived this long was a good one: the next back-off starts from the first.
 STABLE_CONNECTION_S = 30.0
+PUBACK_GRACE_S = 0.05  # for the last PUBACKs to reach the socket before DISCONNECT
 
-__all__ = ["BrokerTooOld", "Delivery", "MqttSubscriber", "SessionSettings"]
+__all__ = ["BrokerTooOld", "Delivery", "Intake", "MqttSubscriber", "SessionSettings"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,18 +74,27 @@ def backoff_s(attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-class MqttSubscriber:
-    def __init__(
-        self,
-        settings: SessionSettings,
-        *,
-        on_delivery: Callable[[Delivery], None],
-        on_connection_lost: Callable[[int], None],
-        metrics: Metrics,
-    ) -> None:
+class Intake(Protocol):
+    """Where the subscriber hands each message (broker.intake.MqttIntake)."""
+
+    def __call__(self, delivery: Delivery) -> None: ...
+
+    def has_room(self) -> bool: ...
+
+    def forget(self, generation: int) -> None:
+        """The connection `generation` (and every older one) is gone: the broker delivers
+        again whatever of it is not acknowledged."""
+
+
+class MqttSubscriber(Component):
+    """Runs (as a `Component`) from `async with` on: connected, and reconnecting, until the
+    block ends; then it disconnects cleanly, keeping the session."""
+
+    name = "mqtt"
+
+    def __init__(self, settings: SessionSettings, *, intake: Intake, metrics: Metrics) -> None:
         self.settings = settings
-        self.on_delivery = on_delivery
-        self._on_connection_lost = on_connection_lost
+        self._intake = intake
         self._metrics = metrics
         self.generation = 0
         self.connected = False
@@ -127,17 +138,15 @@ class MqttSubscriber:
         finally:
             self.connected = self.ready = False
 
-    def ack(self, delivery: Delivery) -> None:
-        """Acknowledge a committed message, on the connection that delivered it."""
-        connection = self._connection
-        if delivery.qos == 0 or connection is None or connection.closing:
-            return
-        if delivery.generation != connection.generation:
-            return
-        if delivery.qos == 1:
-            connection.send(mqtt5.PubAckPacket(delivery.packet_id).write())
-        else:  # QoS 2: PUBREC now; the broker's PUBREL is answered with PUBCOMP
-            connection.send(mqtt5.PubRecPacket(delivery.packet_id).write())
+    async def finish(self, deadline: Deadline) -> None:
+        """The writer has committed what it could: its last PUBACKs go out, then (as the
+        task is cancelled) a clean DISCONNECT that keeps the session."""
+        await asyncio.sleep(min(PUBACK_GRACE_S, deadline.left()))
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        self._intake(delivery)
+        if not self._intake.has_room():
+            self.pause()
 
     def pause(self) -> None:
         """Hand over no more messages (the daemon's buffer is full)."""
@@ -323,7 +332,7 @@ class MqttSubscriber:
             self._metrics.mqtt_disconnects.labels("connection_lost").inc()
             self._set_down(f"connection lost: {_text(error) if error else 'closed by the broker'}")
         self.connected = self.ready = False
-        self._on_connection_lost(connection.generation)
+        self._intake.forget(connection.generation)
 
     def _silent(self, connection: Connection) -> bool:
         """A PINGREQ unanswered, and nothing else heard, for a whole keep-alive. While the

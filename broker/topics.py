@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from daemon.readings import DEVICE_ID_PATTERN, Stream
+from ingest.readings import DEVICE_ID_PATTERN, Stream
 
 TOPIC_FILTERS = {Stream.METER: "meters/+/telemetry", Stream.VEHICLE: "vehicles/+/telemetry"}
 _PREFIXES = {"meters": Stream.METER, "vehicles": Stream.VEHICLE}

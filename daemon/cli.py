@@ -1,5 +1,6 @@
-"""`energy-ingest`: run the daemon, apply migrations, provision broker users, and (from the
-`simulator` package, imported only by those commands) simulate a fleet and benchmark."""
+"""`energy-ingest`: run the daemon, apply migrations, provision broker users, sum roll-ups
+again; and the commands other packages register (the simulator's `simulate` and `bench`,
+entry point group `energy_ingest.commands`), imported only when they run."""
 
 from __future__ import annotations
 
@@ -10,33 +11,25 @@ import logging
 import pwd
 import sys
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
+from typing import TypeAlias
 
 import uvloop
-from pydantic import ValidationError
 
 from broker.tls import TlsFilesError
-from daemon.app import endpoints, prepare_database, serve
-from daemon.config import Settings
-from daemon.embedded import ServiceError
+from daemon.app import serve
+from daemon.database import prepare_database
 from daemon.provision import BrokerFiles, ProvisionError, Role, provision
+from daemon.services import ServiceError, private_services
 from db.errors import DatabaseSetupError
 from db.pool import WrongSchema, connect
 from db.rollup import rebuild
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()
-        )
-        sys.exit(f"energy-ingest: bad configuration: {problems}")
+from ingest.config import Settings, settings_or_exit
 
 
 async def _migrate(settings: Settings) -> None:
-    async with endpoints(settings, broker=False) as urls:
+    async with private_services(settings, broker=False) as urls:
         await prepare_database(settings, urls.database_url)
         logging.getLogger("energy-ingest").info("migrations applied, partitions in place")
 
@@ -55,7 +48,7 @@ def _instant(raw: str) -> datetime:
 
 
 async def _rebuild_rollups(settings: Settings, start: datetime, end: datetime) -> None:
-    async with endpoints(settings, broker=False) as urls:
+    async with private_services(settings, broker=False) as urls:
         conn = await connect(
             urls.database_url, schema=settings.db_schema, pooler=settings.db_pooler
         )
@@ -93,24 +86,16 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def _drive(command: str, argv: list[str]) -> None:
-    """`bench` and `simulate` drive the daemon from outside: their package is imported here
-    only, so that `energy-ingest run` never loads it."""
-    from simulator import bench, simulate
-
-    parser = argparse.ArgumentParser(prog=f"energy-ingest {command}")
-    if command == "bench":
-        bench.add_arguments(parser)
-        logging.basicConfig(level="WARNING")
-        bench.main(parser.parse_args(argv))
-        return
-    simulate.add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
-    simulate.main(args, _settings())
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _extra_commands() -> dict[str, metadata.EntryPoint]:
+    """Commands of other packages (the simulator's `bench` and `simulate`), found by their
+    entry points and imported only when run: `energy-ingest run` never loads them."""
+    return {ep.name: ep for ep in metadata.entry_points(group="energy_ingest.commands")}
+
+
+def _parser(extra: dict[str, metadata.EntryPoint]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="energy-ingest",
         description="Telemetry of smart meters and EV chargers (MQTT/HTTP) into PostgreSQL.",
@@ -118,6 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="MQTT subscriber and HTTP API in one process")
     commands.add_parser("migrate", help="apply pending schema migrations and create partitions")
+    _add_provision(commands)
+    _add_rebuild(commands)
+    for name, entry in sorted(extra.items()):
+        commands.add_parser(name, help=f"from {entry.module}: {name} --help", add_help=False)
+    return parser
+
+
+def _add_provision(commands: Commands) -> None:
     provisioning = commands.add_parser(
         "provision",
         help="give a device or a daemon replica its broker user; prints its password",
@@ -145,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         "after dropping root (1883 in the eclipse-mosquitto image); default: keep the owner",
     )
     provisioning.add_argument("--password", help="use this password instead of a random one")
+
+
+def _add_rebuild(commands: Commands) -> None:
     rebuilding = commands.add_parser(
         "rebuild-rollups",
         help="sum the hourly roll-ups again from the history, after an import by SQL",
@@ -157,22 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     rebuilding.add_argument("start", type=_instant, help="ISO 8601 with an offset")
     rebuilding.add_argument("end", type=_instant, help="ISO 8601 with an offset (exclusive)")
-    commands.add_parser(
-        "bench",
-        help="run a benchmark (results in bench/results/, see BENCHMARKS.md)",
-        add_help=False,
-    )
-    commands.add_parser(
-        "simulate",
-        help="a fleet of meters and vehicles publishing over MQTT or HTTP",
-        add_help=False,
-    )
-    args, rest = parser.parse_known_args(argv)
-    if args.command in ("bench", "simulate"):
-        _drive(args.command, rest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    extra = _extra_commands()
+    args, rest = _parser(extra).parse_known_args(argv)
+    if args.command in extra:
+        extra[args.command].load()(rest)
         return
     if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        _parser(extra).error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "provision":
         try:
             files = BrokerFiles(args.password_file, args.acl_file, _uid(args.owner))
@@ -180,27 +170,30 @@ def main(argv: list[str] | None = None) -> None:
         except (ProvisionError, OSError) as error:
             sys.exit(f"energy-ingest: {error}")
         return
-
-    settings = _settings()
+    settings = settings_or_exit()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "run":
-            tune_gc()
-            # uvloop: the same asyncio, with a faster event loop (and uvicorn then uses
-            # httptools); measured in BENCHMARKS.md.
-            if not uvloop.run(serve(settings)):
-                sys.exit("energy-ingest: stopped because a part of the daemon failed (see above)")
-        elif args.command == "migrate":
-            asyncio.run(_migrate(settings))
-        elif args.command == "rebuild-rollups":
-            if args.start >= args.end:
-                sys.exit("energy-ingest: START must come before END")
-            asyncio.run(_rebuild_rollups(settings, args.start, args.end))
+        _run(args, settings)
     except (ServiceError, TlsFilesError, WrongSchema, DatabaseSetupError) as error:
         logging.getLogger("energy-ingest").error("%s", error)
         sys.exit(f"energy-ingest: {error}")
     except KeyboardInterrupt:
         pass
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> None:
+    if args.command == "run":
+        tune_gc()
+        # uvloop: the same asyncio, with a faster event loop (and uvicorn then uses
+        # httptools); measured in BENCHMARKS.md.
+        if not uvloop.run(serve(settings)):
+            sys.exit("energy-ingest: stopped because a part of the daemon failed (see above)")
+    elif args.command == "migrate":
+        asyncio.run(_migrate(settings))
+    elif args.command == "rebuild-rollups":
+        if args.start >= args.end:
+            sys.exit("energy-ingest: START must come before END")
+        asyncio.run(_rebuild_rollups(settings, args.start, args.end))

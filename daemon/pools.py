@@ -10,7 +10,7 @@ behind another:
 - **control**: the primary's small pool for the rest: links, partition upkeep, the bound on
   rejections.
 
-(The health probe has a connection of its own, not a pool: `daemon.probe`.)
+(The health probe has a connection of its own, not a pool: `db.probe`.)
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from daemon.config import Settings
 from db.pool import create_pool
+from ingest.config import Settings
 
 CONTROL_POOL_SIZE = 2
 POOL_CLOSE_S = 1.0

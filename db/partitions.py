@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from db.migrate import lock_key
+from db.migrate import lock_key, migrate
 from db.tables import PARTITIONED, REJECTIONS
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ WHERE p.relname = $1 AND n.nspname = current_schema()
 class UpkeepReport:
     created: list[str]
     dropped: list[str]
-    skipped: bool = False
 
 
 def partition_name(table: str, day: date) -> str:
@@ -69,7 +68,7 @@ async def upkeep(
             "SELECT pg_try_advisory_xact_lock(hashtext($1))", lock_key(schema, "partitions")
         )
         if not got_lock:
-            return UpkeepReport([], [], skipped=True)
+            return UpkeepReport([], [])  # another daemon is at it
         await conn.execute("SET LOCAL lock_timeout = '5s'")
         for table, storage in PARTITIONED.items():
             existing = {r["relname"] for r in await conn.fetch(LIST_PARTITIONS, table)}
@@ -101,3 +100,23 @@ async def upkeep(
             ", ".join(dropped) or "-",
         )
     return UpkeepReport(created, dropped)
+
+
+async def prepare_schema(
+    conn: asyncpg.Connection,
+    *,
+    schema: str,
+    retention_days: int,
+    lookahead_days: int,
+    now: datetime | None = None,
+) -> None:
+    """Migrations, then the partitions they need: what precedes any write (the daemon's
+    start, `energy-ingest migrate`, the benchmarks' and the tests' databases)."""
+    await migrate(conn, schema=schema)
+    await upkeep(
+        conn,
+        schema=schema,
+        now=now or datetime.now(UTC),
+        retention_days=retention_days,
+        lookahead_days=lookahead_days,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from simulator.bench_analytics import analytics
@@ -209,3 +210,12 @@ def main(args: argparse.Namespace) -> None:
         keys = SUMMARY_KEYS.get(name.removesuffix("-arrays"), [])
         print(result.summary(keys, group_by=GROUP_BY.get(name)))
         print(f"  written to {path}", flush=True)
+
+
+def command(argv: list[str]) -> None:
+    """`energy-ingest bench`: the daemon finds this through its entry point (group
+    `energy_ingest.commands`), so `energy-ingest run` never imports the simulator."""
+    parser = argparse.ArgumentParser(prog="energy-ingest bench")
+    add_arguments(parser)
+    logging.basicConfig(level="WARNING")
+    main(parser.parse_args(argv))

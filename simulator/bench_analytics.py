@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from daemon.embedded import free_port
+from daemon.services import free_port
 from simulator.bench_fleet import load_fleet
 from simulator.bench_http import wrk
 from simulator.benchkit import Daemon, Result, Services, postgres_cpu_s, tree_cpu_s

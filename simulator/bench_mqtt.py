@@ -13,10 +13,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from daemon.batches import row_of
-from daemon.config import Settings
-from daemon.readings import MeterReading, VehicleReading
 from db.writes import FlushBatch, flush_batch
+from ingest.batches import row_of
+from ingest.config import Settings
+from ingest.readings import MeterReading, VehicleReading
 from simulator.benchkit import (
     BoxCpu,
     Daemon,

@@ -25,9 +25,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres, free_port
-from db.migrate import migrate
-from db.partitions import upkeep
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres, free_port
+from db.partitions import prepare_schema
 
 RESULTS = Path("bench/results")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -64,14 +63,7 @@ def services() -> Iterator[Services]:
 async def prepare(dsn: str, *, retention_days: int = 40) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        await migrate(conn, schema="public")
-        await upkeep(
-            conn,
-            schema="public",
-            now=datetime.now(UTC),
-            retention_days=retention_days,
-            lookahead_days=3,
-        )
+        await prepare_schema(conn, schema="public", retention_days=retention_days, lookahead_days=3)
     finally:
         await conn.close()
 

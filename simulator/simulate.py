@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from daemon.config import MqttEndpoint, Settings
+from ingest.config import MqttEndpoint, Settings, settings_or_exit
 from simulator.fleet import Fleet, as_arrays, spoiled
 from simulator.publisher import RawPublisher
 
@@ -233,3 +233,12 @@ def go_live(args: argparse.Namespace, settings: Settings, fleet: Fleet) -> None:
         if publisher is not None:
             publisher.close()
     log.info("live: %d heartbeats sent", rounds)
+
+
+def command(argv: list[str]) -> None:
+    """`energy-ingest simulate` (entry point group `energy_ingest.commands`)."""
+    parser = argparse.ArgumentParser(prog="energy-ingest simulate")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    main(args, settings_or_exit())

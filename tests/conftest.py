@@ -9,16 +9,14 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
-from db.migrate import migrate
-from db.partitions import upkeep
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
+from db.partitions import prepare_schema
 from tests.services import DaemonProcess, database_url, running_mosquitto, running_postgres
 
 TEMPLATE_DB = "energy_template"
@@ -67,8 +65,7 @@ async def _make_template(pg: EmbeddedPostgres) -> None:
     await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
     await admin.close()
     conn = await asyncpg.connect(database_url(pg, TEMPLATE_DB))
-    await migrate(conn, schema="public")
-    await upkeep(conn, schema="public", now=datetime.now(UTC), retention_days=30, lookahead_days=3)
+    await prepare_schema(conn, schema="public", retention_days=30, lookahead_days=3)
     await conn.close()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
-from daemon.embedded import EmbeddedPostgres, free_port
+from daemon.services import EmbeddedPostgres, free_port
 from tests.services import service_root
 
 STANDBY_NAME = "standby1"

@@ -20,7 +20,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from daemon.embedded import (
+from daemon.services import (
     EmbeddedMosquitto,
     EmbeddedPostgres,
     free_port,

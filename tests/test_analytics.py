@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
 from db.analytics import FIRST_KEY, _args, fleet_sql, vehicle_sql
 from db.rollup import rebuild
 from db.windows import HOUR, Piece, pieces

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from tests.helpers import meter_json, minutes_ago
 from tests.services import DaemonProcess
 

@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from daemon.config import Settings
 from daemon.provision import Role, read_acl, role_of
+from ingest.config import Settings
 from tests.services import REPO
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())

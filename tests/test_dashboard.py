@@ -30,7 +30,7 @@ from playwright.async_api import (
     expect,
 )
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
 from simulator.fleet import Fleet, as_arrays
 from tests.conftest import fresh_database
 from tests.figures import independent

@@ -14,14 +14,14 @@ import pytest
 
 from api.app import App, create_app
 from api.openapi import ENDPOINTS
-from daemon.config import Settings
-from daemon.flushing import PoolFlush
-from daemon.probe import DatabaseStatus
-from daemon.readings import Limits
-from daemon.runtime import BrokerStatus, Runtime
-from daemon.upkeep import UpkeepStatus
-from daemon.writer import Writer
+from api.runtime import BrokerStatus, Runtime
 from db.pool import create_pool
+from db.probe import DatabaseStatus
+from ingest.config import Settings
+from ingest.flushing import PoolFlush
+from ingest.housekeeping import UpkeepStatus
+from ingest.readings import Limits
+from ingest.writer import Writer
 from tests.helpers import meter_json, minutes_ago, vehicle_json
 
 ROUTES = [(e.path, e.handler) for e in ENDPOINTS if e.method == "POST" and e.tag == "ingestion"]

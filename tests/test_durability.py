@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
 from simulator.fleet import as_arrays
 from tests.conftest import fresh_database
 from tests.services import (

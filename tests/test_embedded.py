@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from daemon.embedded import (
+from daemon.services import (
     EmbeddedMosquitto,
     EmbeddedPostgres,
     private_broker_config,

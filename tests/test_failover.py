@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
 from tests.conftest import fresh_database
 from tests.helpers import eventually, meter_json, minutes_ago, vehicle_json
 from tests.replication import Pair, follow, kill_hard, promote, replicated_postgres, wait_replayed

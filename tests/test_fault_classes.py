@@ -27,18 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.app import App, create_app
-from daemon.batches import Submission
-from daemon.config import Settings
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
-from daemon.flushing import PoolFlush
-from daemon.probe import DatabaseStatus
-from daemon.readings import Limits
-from daemon.runtime import BrokerStatus, Runtime
-from daemon.upkeep import UpkeepStatus
-from daemon.writer import REJECTIONS_WAITING_MAX, Writer
+from api.runtime import BrokerStatus, Runtime
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
 from db.errors import TransientFailure
 from db.pool import create_pool
+from db.probe import DatabaseStatus
 from db.writes import FlushBatch, RejectionRow, Stored
+from ingest.batches import Submission
+from ingest.config import Settings
+from ingest.flushing import PoolFlush
+from ingest.housekeeping import UpkeepStatus
+from ingest.readings import Limits
+from ingest.writer import REJECTIONS_WAITING_MAX, Writer
 from tests.conftest import fresh_database
 from tests.helpers import meter_json, minutes_ago
 from tests.services import REPO, database_url

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from daemon.readings import MeterReading, VehicleReading
+from ingest.readings import MeterReading, VehicleReading
 from simulator.fleet import FAULTY_LOSS, HEALTHY_LOSS, Fleet
 from simulator.simulate import add_arguments, messages
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import Settings
+from ingest.config import Settings
 from tests.figures import independent
 from tests.helpers import iso
 from tests.services import DaemonProcess

@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from simulator.publisher import RawPublisher
 from tests.helpers import eventually, iso, meter_json, minutes_ago
 from tests.services import DaemonProcess

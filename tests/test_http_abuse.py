@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from tests.helpers import meter_json, minutes_ago
 from tests.services import DaemonProcess
 

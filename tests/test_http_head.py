@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from tests.services import DaemonProcess
 
 LINE, HEADER_BYTES, HEADERS = 1024, 4096, 20

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from tests.helpers import eventually, iso, meter_json, minutes_ago, vehicle_json
 from tests.services import DaemonProcess, Publisher, database_url, running_postgres
 

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 
 from broker.connection import Delivery
 from broker.intake import MqttIntake
-from daemon.flushing import PoolFlush
-from daemon.metrics import Metrics
-from daemon.readings import Limits
-from daemon.writer import Writer
 from db.pool import create_pool
 from db.writes import storable_text
+from ingest.flushing import PoolFlush
+from ingest.metrics import Metrics
+from ingest.readings import Limits
+from ingest.writer import Writer
 
 
 def dumps(value: Any) -> bytes:
@@ -136,6 +136,16 @@ def messages(draw: st.DrawFn) -> tuple[str, bytes]:
     return topic, payload
 
 
+class Acks:
+    """The connection a delivery is acknowledged on: here, a list of what was acked."""
+
+    def __init__(self, acked: list[Delivery]) -> None:
+        self.acked = acked
+
+    def acknowledge(self, delivery: Delivery) -> None:
+        self.acked.append(delivery)
+
+
 async def run_intake(db_url: str, batch: list[tuple[str, bytes]]) -> list[Delivery]:
     pool = await create_pool(db_url, schema="public", max_size=2)
     writer = Writer(
@@ -146,11 +156,12 @@ async def run_intake(db_url: str, batch: list[tuple[str, bytes]]) -> list[Delive
         metrics=Metrics(),
     )
     acked: list[Delivery] = []
-    intake = MqttIntake(writer=writer, ack=acked.append, limits=WINDOW, payload_max_bytes=256)
+    channel = Acks(acked)
+    intake = MqttIntake(writer=writer, limits=WINDOW, payload_max_bytes=256)
     task = asyncio.create_task(writer.run())
     try:
         for packet_id, (topic, payload) in enumerate(batch, start=1):
-            intake(Delivery(topic, payload, 1, packet_id, 1))
+            intake(Delivery(topic, payload, 1, packet_id, 1, channel))
         async with asyncio.timeout(20):
             while len(acked) < len(batch):
                 await asyncio.sleep(0.005)

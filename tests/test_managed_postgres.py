@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trustme
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres, ServerTls
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres, ServerTls
 from tests.helpers import eventually, meter_json, minutes_ago, vehicle_json
 from tests.services import DaemonProcess, PgBouncer, Publisher, service_root
 

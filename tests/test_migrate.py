@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from daemon.embedded import EmbeddedPostgres
+from daemon.services import EmbeddedPostgres
 from db.migrate import available_migrations, migrate
 from tests.conftest import fresh_database
 from tests.services import REPO

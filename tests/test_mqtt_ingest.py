@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from tests.helpers import eventually, iso, meter_json, minutes_ago, vehicle_json
 from tests.services import DaemonProcess, Publisher, running_mosquitto
 

@@ -14,7 +14,7 @@ import mqtt5
 import orjson
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from tests.helpers import eventually, iso, minutes_ago
 from tests.services import DaemonProcess
 

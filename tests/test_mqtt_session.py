@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from broker.subscriber import BACKOFF_FIRST_S, BACKOFF_MAX_S, backoff_s
-from daemon.config import MqttEndpoint
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
+from ingest.config import MqttEndpoint
 from tests.services import DaemonProcess, running_mosquitto
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto, free_port
+from daemon.services import EmbeddedMosquitto, free_port
 from tests.helpers import iso
 from tests.services import DaemonProcess, database_url, running_postgres, wait_until
 

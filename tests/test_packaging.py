@@ -19,7 +19,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from daemon.embedded import free_port
+from daemon.services import free_port
 from tests.services import REPO, wait_until
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from daemon.embedded import BrokerAuth, EmbeddedMosquitto, EmbeddedPostgres
 from daemon.provision import (
     USERNAME,
     BrokerFiles,
@@ -28,6 +27,7 @@ from daemon.provision import (
     provision,
     read_acl,
 )
+from daemon.services import BrokerAuth, EmbeddedMosquitto, EmbeddedPostgres
 from tests.conftest import fresh_database
 from tests.helpers import eventually, meter_json, minutes_ago
 from tests.services import DaemonProcess, service_root

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.metrics import RecentRate
+from ingest.metrics import RecentRate
 
 
 class Clock:

@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
-from daemon.embedded import EmbeddedMosquitto, EmbeddedPostgres
+from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
 from db.rollup import rebuild
 from simulator.benchkit import histogram_quantile, parse_metrics
 from tests.conftest import fresh_database

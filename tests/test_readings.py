@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from daemon.readings import (
+from ingest.readings import (
     LISTED_REJECTIONS,
     Limits,
     MeterReading,

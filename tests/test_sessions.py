@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.embedded import EmbeddedPostgres
+from daemon.services import EmbeddedPostgres
 from db.analytics import _args, vehicle_sql
 from db.migrate import available_migrations, migrate
 from db.windows import pieces

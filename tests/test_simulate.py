@@ -9,7 +9,7 @@ import sys
 import asyncpg
 import httpx
 
-from daemon.embedded import EmbeddedMosquitto
+from daemon.services import EmbeddedMosquitto
 from tests.helpers import eventually
 from tests.services import REPO, DaemonProcess
 

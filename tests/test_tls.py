@@ -14,8 +14,8 @@ import pytest
 import trustme
 from pydantic import ValidationError
 
-from daemon.config import Settings
-from daemon.embedded import BrokerTls, EmbeddedMosquitto
+from daemon.services import BrokerTls, EmbeddedMosquitto
+from ingest.config import Settings
 from tests.helpers import eventually, meter_json, minutes_ago
 from tests.services import DaemonProcess, Publisher, service_root
 

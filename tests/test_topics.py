@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.topics import parse_topic, subscriptions
-from daemon.readings import Stream
+from ingest.readings import Stream
 
 
 def test_topics_name_stream_and_device() -> None:

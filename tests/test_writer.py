@@ -9,13 +9,12 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from daemon.flushing import PoolFlush
-from daemon.readings import MeterReading, VehicleReading
-from daemon.writer import Outcome, Overloaded, Submission, Writer
-from db.migrate import migrate
-from db.partitions import upkeep
+from db.partitions import prepare_schema, upkeep
 from db.pool import create_pool
 from db.writes import FlushBatch, Stored
+from ingest.flushing import PoolFlush
+from ingest.readings import MeterReading, VehicleReading
+from ingest.writer import Outcome, Overloaded, Submission, Writer
 from tests.services import running_postgres
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -114,14 +113,15 @@ async def test_readings_without_a_partition_are_held_until_it_exists(
     assert (await writer.write([meter("M1", 1)], [], transport="http")).accepted == 1
     await asyncio.sleep(0.3)
     assert not held.done() and writer.held_readings == 1
-    assert writer.last_failure is not None and writer.last_failure.sqlstate == "23514"
+    assert writer.flusher.last_failure is not None
+    assert writer.flusher.last_failure.sqlstate == "23514"
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
         assert await conn.fetchval("SELECT count(*) FROM rejections") == 0
         await upkeep(conn, schema="public", now=next_year, retention_days=400, lookahead_days=1)
     writer.retry_held_now()
     assert (await asyncio.wait_for(held, 10)).accepted == 2
-    assert writer.held_readings == 0 and writer.held_since is None
+    assert writer.held_readings == 0 and writer.status().held_since is None
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 3
 
@@ -154,8 +154,7 @@ async def test_writes_wait_out_a_database_outage() -> None:
     with running_postgres() as pg:
         url = f"postgresql://postgres@127.0.0.1:{pg.port}/energy"
         conn = await asyncpg.connect(url)
-        await migrate(conn, schema="public")
-        await upkeep(conn, schema="public", now=NOW, retention_days=30, lookahead_days=3)
+        await prepare_schema(conn, schema="public", retention_days=30, lookahead_days=3, now=NOW)
         await conn.close()
         pool = await create_pool(url, schema="public", max_size=2)
         writer = Writer(

@@ -1,4 +1,4 @@
-"""The writer's rule, by construction (`daemon.batches`): a message or a request is settled
+"""The writer's rule, by construction (`ingest.batches`): a message or a request is settled
 exactly once, and only when each of its readings has its final outcome, committed: stored,
 a duplicate, a conflict (recorded with both values), or refused by the database (recorded
 with its reason).
@@ -28,12 +28,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from daemon.batches import Outcome, Submission
-from daemon.flushing import Timing
-from daemon.readings import MeterReading
-from daemon.writer import Writer
 from db.errors import DataFailure, PersistentFailure, TransientFailure
 from db.writes import FlushBatch, Key, RejectionRow, Stored
+from ingest.batches import Outcome, Submission
+from ingest.flushing import Timing
+from ingest.readings import MeterReading
+from ingest.writer import Writer
 
 FAST = Timing(
     backoff_first_s=0.001, backoff_max_s=0.004, held_retry_first_s=0.002, held_retry_max_s=0.008

@@ -12,41 +12,33 @@ commit. Acknowledgements go through aiomqtt's public `puback`, one per message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+import sys
 from typing import Any
 
 import aiomqtt  # type: ignore[import-not-found]
 import mqtt5
+import uvloop
 
-import daemon.app
 from broker.connection import Delivery
-from broker.subscriber import SessionSettings
-from daemon.cli import main
-from daemon.metrics import Metrics
+from broker.subscriber import Intake, MqttSubscriber, SessionSettings
+from daemon.app import serve
+from daemon.cli import tune_gc
+from ingest.config import Settings
+from ingest.metrics import Metrics
 
 
-class Aiomqtt3Subscriber:
-    """The surface of broker.subscriber.MqttSubscriber that the daemon uses."""
+class Aiomqtt3Subscriber(MqttSubscriber):
+    """broker.subscriber.MqttSubscriber with its session on aiomqtt: given to the daemon as
+    its subscriber factory (`serve(..., subscriber_factory=...)`)."""
 
-    def __init__(
-        self,
-        settings: SessionSettings,
-        *,
-        on_delivery: Callable[[Delivery], None],
-        on_connection_lost: Callable[[int], None],
-        metrics: Metrics,
-    ) -> None:
-        self.settings = settings
-        self.on_delivery = on_delivery
-        self.connected = self.ready = self.paused = False
-        self.detail = "not connected yet"
+    def __init__(self, settings: SessionSettings, *, intake: Intake, metrics: Metrics) -> None:
+        super().__init__(settings, intake=intake, metrics=metrics)
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._acks: list[int] = []
         self._acking: asyncio.Task[None] | None = None
         self._client: Any = None
-        metrics.broker_connected.set_function(lambda: 1 if self.connected else 0)
-        metrics.broker_ready.set_function(lambda: 1 if self.ready else 0)
 
     async def run(self) -> None:
         s = self.settings
@@ -78,10 +70,11 @@ class Aiomqtt3Subscriber:
                         message.qos.value,
                         message.packet_id or 0,
                         1,
+                        self,
                     )
                     self.on_delivery(delivery)
 
-    def ack(self, delivery: Delivery) -> None:
+    def acknowledge(self, delivery: Delivery) -> None:
         if delivery.qos:
             self._acks.append(delivery.packet_id)
             if self._acking is None or self._acking.done():
@@ -103,5 +96,10 @@ class Aiomqtt3Subscriber:
 
 
 if __name__ == "__main__":
-    daemon.app.MqttSubscriber = Aiomqtt3Subscriber  # type: ignore[misc,assignment]
-    main()
+    if sys.argv[1:] != ["run"]:
+        sys.exit("usage: run_daemon.py run")
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper())
+    tune_gc()
+    if not uvloop.run(serve(settings, subscriber_factory=Aiomqtt3Subscriber)):
+        sys.exit(1)

@@ -4,8 +4,8 @@ Submissions wait in the buffer until it holds `flush_max_readings` or `flush_int
 passed since the oldest one arrived; then they are written in one transaction (up to
 `flush_concurrency` at once, each on its own connection of the write pool). A submission is
 settled (`on_settled`: MQTT sends its PUBACK, HTTP answers 201) only once every one of its
-readings has its final outcome, committed (`daemon.batches`); what happens when PostgreSQL
-refuses is `daemon.flushing`'s.
+readings has its final outcome, committed (`ingest.batches`); what happens when PostgreSQL
+refuses is `ingest.flushing`'s.
 
 Backpressure: past `buffer_max_readings` readings held (waiting, being written, held back),
 `full` is true: MQTT stops reading, HTTP answers 503. Rejection records waiting alone (an
@@ -25,24 +25,42 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from daemon.batches import Outcome, Overloaded, Piece, Submission
-from daemon.flushing import Flush, Flusher, Timing
-from daemon.metrics import Metrics
-from daemon.readings import Reading
 from db.errors import DatabaseFailure
 from db.writes import RejectionRow
+from ingest.batches import Outcome, Overloaded, Piece, Submission
+from ingest.flushing import Flush, Flusher, Timing
+from ingest.lifecycle import Component, Deadline
+from ingest.metrics import Metrics
+from ingest.readings import Reading
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "Overloaded", "Submission", "Writer"]
+__all__ = ["Outcome", "Overloaded", "Submission", "Writer", "WriterStatus"]
 
 WATCHDOG_TICK_S = 0.1  # how late, at most, a caller hears that its commit timed out
 REJECTIONS_WAITING_MAX = 1000
 DEFAULT_TIMING = Timing()
 
 
-class Writer:
+@dataclass(frozen=True, slots=True)
+class WriterStatus:
+    """What /health shows of the writer, at one moment."""
+
+    depth: int  # readings held in memory
+    held_readings: int  # of them, held back by the database
+    held_since: float | None  # (time.time())
+    database_ok: bool  # no flush is retrying
+    failure: str  # the last failure that was the database's, in words ("" for none)
+
+
+class Writer(Component):
+    """Runs (as a `Component`) from `async with` on; on leaving, flushes what it holds
+    within the shutdown's deadline."""
+
+    name = "writer"
+
     def __init__(
         self,
         flush: Flush,
@@ -116,16 +134,18 @@ class Writer:
         return self.flusher.held_weight + self.flusher.retrying_held_weight
 
     @property
-    def held_since(self) -> float | None:
-        return self.flusher.held_since
-
-    @property
     def rejections_written(self) -> int:
         return self.flusher.rejections_written
 
-    @property
-    def last_failure(self) -> DatabaseFailure | None:
-        return self.flusher.last_failure
+    def status(self) -> WriterStatus:
+        failure = self.flusher.last_failure
+        return WriterStatus(
+            depth=self.depth,
+            held_readings=self.held_readings,
+            held_since=self.flusher.held_since,
+            database_ok=self.database_ok,
+            failure=failure.detail if failure else "",
+        )
 
     def retry_held_now(self) -> None:
         """Try the held readings again without waiting out the back-off (after upkeep)."""
@@ -294,6 +314,20 @@ class Writer:
         self._stopping = True
         self._work.set()
         self._enough.set()
+
+    async def finish(self, deadline: Deadline) -> None:
+        """Flush what is held, within `deadline`. What is still unflushed then is not
+        acknowledged: the broker delivers it again; HTTP callers were answered 503."""
+        log.info("stopping: no new readings; flushing %d buffered", self.depth)
+        self.stop()
+        assert self.task is not None
+        await asyncio.wait({self.task}, timeout=deadline.left())
+        if not self.task.done():
+            log.warning(
+                "shutdown deadline (SHUTDOWN_TIMEOUT_S): %d readings not flushed, not "
+                "acknowledged (the broker delivers them again)",
+                self.depth,
+            )
 
     async def _wait_for_batch(self) -> None:
         remaining = self._oldest_at + self._interval_s - time.monotonic()

@@ -53,7 +53,7 @@ def _timestamp_in_utc(value: object) -> object:
 
     Finer than a microsecond: the digits past the sixth are dropped (what PostgreSQL's
     timestamptz holds); two readings that differ only there are the same moment, and the
-    conflict rule decides (`daemon.batches`): the same values are a duplicate, other values a
+    conflict rule decides (`ingest.batches`): the same values are a duplicate, other values a
     conflict, recorded.
 
     Parsed here by `datetime.fromisoformat` (C) rather than by pydantic: pydantic would also

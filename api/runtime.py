@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from daemon.config import Settings
-from daemon.probe import DatabaseStatus
-from daemon.readings import Limits
-from daemon.upkeep import UpkeepStatus
-from daemon.writer import Writer
+from db.probe import DatabaseStatus
+from ingest.config import Settings
+from ingest.housekeeping import UpkeepStatus
+from ingest.readings import Limits
+from ingest.writer import Writer
 
 
 @dataclass(frozen=True, slots=True)

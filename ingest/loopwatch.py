@@ -12,12 +12,11 @@ are all busy, with PostgreSQL say, delays the loop without any code of ours hold
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
-from types import TracebackType
 
-from daemon.metrics import Metrics
+from ingest.lifecycle import Component
+from ingest.metrics import Metrics
 
 LAG_SAMPLE_S = 0.01
 LAG_MAX_WINDOW_S = 60
@@ -25,35 +24,21 @@ HELD_OVER_S = 0.02  # the budget: no request holds the loop longer
 BUSY_SHARE = 0.8
 
 
-class LoopWatch:
-    """An async context manager: watching starts on entry and stops on exit."""
+class LoopWatch(Component):
+    """Watching starts on `async with` and stops at the end of the block."""
+
+    name = "loop-watch"
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._task: asyncio.Task[None] | None = None
         self._max_by_second: deque[list[float]] = deque()  # [second, longest lag in it]
         metrics.event_loop_lag_max.set_function(self.recent_max_s)
-
-    async def __aenter__(self) -> LoopWatch:
-        self._task = asyncio.create_task(self._watch(), name="loop-watch")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def recent_max_s(self) -> float:
         self._forget(time.monotonic())
         return max((lag for _, lag in self._max_by_second), default=0.0)
 
-    async def _watch(self) -> None:
+    async def run(self) -> None:
         observe = self._metrics.event_loop_lag.observe
         held = self._metrics.event_loop_held
         while True:

@@ -24,12 +24,13 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from daemon.config import Settings
-from daemon.metrics import Metrics
-from daemon.writer import Writer
 from db.errors import DatabaseFailure, PersistentFailure
 from db.partitions import upkeep
 from db.rejections import trim_rejections
+from ingest.config import Settings
+from ingest.lifecycle import Component
+from ingest.metrics import Metrics
+from ingest.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ class UpkeepStatus:
     failing_since: float | None = None
 
 
-class Housekeeping:
+class Housekeeping(Component):
+    """Runs (as a `Component`) from `async with` on: partition upkeep, the rejections'
+    bound."""
+
+    name = "housekeeping"
+
     def __init__(
         self, settings: Settings, pool: asyncpg.Pool, writer: Writer, metrics: Metrics
     ) -> None:

@@ -28,9 +28,9 @@ from typing import Any, cast
 
 import orjson
 
-from daemon.metrics import Metrics
-from daemon.readings import MeterReading, Reading, Stream, VehicleReading
 from db.writes import FlushBatch, Key, RejectionRow, Row, Stored
+from ingest.metrics import Metrics
+from ingest.readings import MeterReading, Reading, Stream, VehicleReading
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@
   flush slots (so that it never blocks them), reported on /health and in the metrics, its
   cause logged once rather than at every retry.
 
-Nothing here settles a submission: `daemon.batches.settle` does, after a commit, reading by
+Nothing here settles a submission: `ingest.batches.settle` does, after a commit, reading by
 reading. A held or retried piece keeps its submission open.
 
 The database is reached through one seam, `Flush`: a coroutine that writes a batch in one
@@ -30,8 +30,6 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from daemon.batches import Piece, batch_of, refusal_piece, settle
-from daemon.metrics import Metrics
 from db.errors import (
     DatabaseFailure,
     DataFailure,
@@ -40,6 +38,8 @@ from db.errors import (
     classify,
 )
 from db.writes import FlushBatch, Key, Stored, flush_batch, stored_values
+from ingest.batches import Piece, batch_of, refusal_piece, settle
+from ingest.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,12 @@ nowhere else.
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -175,3 +176,15 @@ class MqttEndpoint:
 
     def __repr__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def settings_or_exit() -> Settings:
+    """The configuration from the environment, or the process exits naming each bad
+    variable and what is wrong with it."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()
+        )
+        sys.exit(f"energy-ingest: bad configuration: {problems}")
