@@ -1,4 +1,4 @@
-"""The Starlette application: routes from the table in `api.openapi`, the OpenAPI document,
+"""The Starlette application: routes from the table in `api.routes`, the OpenAPI document,
 offline API docs, the operators' dashboard, and errors that always answer JSON.
 
 Readings POSTed to the ingestion routes (the hot path: firmware posting one reading at a
@@ -24,8 +24,9 @@ from starlette.types import Receive, Scope, Send
 
 from api.auth import Handler
 from api.database import ReadGate
-from api.openapi import ENDPOINTS, openapi_document
+from api.openapi import openapi_document
 from api.responses import JSON, ApiError
+from api.routes import ENDPOINTS
 from api.runtime import Runtime
 
 log = logging.getLogger(__name__)

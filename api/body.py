@@ -21,13 +21,25 @@ def problem(field: str, message: str) -> dict[str, str]:
     return {"field": field, "message": message}
 
 
-def limit_param(raw: str | None, *, default: int, maximum: int, name: str = "limit") -> int:
-    """A page size from the query string: an integer from 1 to `maximum`, else 400."""
+def int_param(raw: str | None, name: str, *, maximum: int) -> int | None:
+    """An integer from 1 to `maximum` from the query string (None when absent), else 400.
+    Digits only, no longer than `maximum` is written: the cost of a hostile value is bounded."""
     if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or not 1 <= int(raw) <= maximum:
+        return None
+    if (
+        not raw.isascii()
+        or not raw.isdigit()
+        or len(raw) > len(str(maximum))
+        or not 1 <= int(raw) <= maximum
+    ):
         raise ApiError(400, [problem(name, f"must be an integer from 1 to {maximum}")])
     return int(raw)
+
+
+def limit_param(raw: str | None, *, default: int, maximum: int, name: str = "limit") -> int:
+    """A page size from the query string: an integer from 1 to `maximum`, else 400."""
+    value = int_param(raw, name, maximum=maximum)
+    return default if value is None else value
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,14 +18,14 @@ from api.body import JsonBody, problem, read_json
 from api.responses import JSON, ApiError, unavailable
 from api.runtime import Runtime
 from api.state import runtime_of
-from db.writes import RejectionRow, payload_text
+from db.writes import RejectionRow
 from ingest.readings import (
     ID_FIELDS,
-    ParsedPayload,
     Problem,
     Reading,
     Rejected,
     Stream,
+    validate_items,
     validate_reading,
 )
 from ingest.writer import Outcome, Overloaded, Submission
@@ -43,12 +43,13 @@ def _problems(rejected: Rejected) -> list[dict[str, str]]:
 
 def _rejection_row(runtime: Runtime, request: Request, body: JsonBody, reason: str) -> RejectionRow:
     """One record per request, with the body as received, however many readings it held."""
-    return RejectionRow(
+    return RejectionRow.of(
+        body.raw,
+        reason,
         received_at=datetime.now(UTC),
         source="http",
-        topic_or_route=_route(request),
-        payload=payload_text(body.raw, runtime.settings.rejection_payload_max_bytes),
-        reason=reason,
+        origin=_route(request),
+        max_bytes=runtime.settings.rejection_payload_max_bytes,
     )
 
 
@@ -130,18 +131,11 @@ async def _batch(request: Request, stream: Stream) -> JSON:
             413,
             [problem("readings", f"{len(items)} readings; at most {limit} (MAX_BATCH_READINGS)")],
         )
-    now = datetime.now(UTC)
-    rejected: list[Rejected] = []  # every one, for the answer (at most MAX_BATCH_READINGS)
-    parsed = ParsedPayload(items=len(items))  # the readings, and the record's summary
-    indices: list[int] = []  # each valid reading's place in the request
-    for index, item in enumerate(items):
-        result = validate_reading(stream, item, now=now, limits=runtime.limits, index=index)
-        if isinstance(result, Rejected):
-            rejected.append(result)
-            parsed.reject(result)
-        else:
-            parsed.readings.append(result)
-            indices.append(index)
+    # Every rejection kept, for the answer (there are at most MAX_BATCH_READINGS).
+    parsed = validate_items(
+        stream, items, now=datetime.now(UTC), limits=runtime.limits, keep_all=True
+    )
+    rejected, indices = parsed.rejected, parsed.positions
     rows = []
     if rejected:
         runtime.writer.metrics.rejected(stream.value, "http", len(rejected))

@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.auth import OPEN_NOTICE, require
+from api.body import int_param, limit_param
 from api.responses import JSON, ApiError
 from api.runtime import Runtime
 from api.state import reads_of, runtime_of
 from db import reads
 from db.probe import DatabaseStatus
-from ingest.readings import is_device_id
+from ingest.readings import JSON_NAMES, is_device_id
 from ingest.writer import WriterStatus
 
 REJECTIONS_DEFAULT_LIMIT = 100
@@ -26,19 +27,6 @@ MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
 SEEN_WINDOW_S = 300
 REJECTIONS_WINDOW_S = 3600
 REJECTIONS_COUNTED_MAX = 100_000
-
-# Column names in the hot tables → the JSON names of SPEC §2.
-_JSON_NAMES = {
-    "meter_id": "meterId",
-    "vehicle_id": "vehicleId",
-    "ts": "timestamp",
-    "kwh_consumed_ac": "kwhConsumedAc",
-    "voltage": "voltage",
-    "soc": "soc",
-    "kwh_delivered_dc": "kwhDeliveredDc",
-    "battery_temp": "batteryTemp",
-    "received_at": "receivedAt",
-}
 
 
 async def health(request: Request) -> JSON:
@@ -163,18 +151,16 @@ async def _status(request: Request, stream: str) -> JSON:
         row = await reads.latest_state(conn, stream, device_id)
     if row is None:
         raise ApiError(404, f"no {stream} {device_id!r} has reported yet")
-    return JSON({_JSON_NAMES[column]: value for column, value in row.items()})
+    return JSON({JSON_NAMES[column]: value for column, value in row.items()})
 
 
 @require("operator")
 async def rejections(request: Request) -> JSON:
     query = request.query_params
-    limit = _int_param(query.get("limit"), "limit", REJECTIONS_DEFAULT_LIMIT)
-    if not 1 <= limit <= REJECTIONS_MAX_LIMIT:
-        raise ApiError(400, [{"field": "limit", "message": f"must be 1..{REJECTIONS_MAX_LIMIT}"}])
-    before = _int_param(query.get("before"), "before", None)
-    if before is not None and not 1 <= before <= MAX_ID:
-        raise ApiError(400, [{"field": "before", "message": f"must be 1..{MAX_ID}"}])
+    limit = limit_param(
+        query.get("limit"), default=REJECTIONS_DEFAULT_LIMIT, maximum=REJECTIONS_MAX_LIMIT
+    )
+    before = int_param(query.get("before"), "before", maximum=MAX_ID)
     source = query.get("source")
     if source not in (None, "mqtt", "http"):
         raise ApiError(400, [{"field": "source", "message": "must be mqtt or http"}])
@@ -193,14 +179,3 @@ async def rejections(request: Request) -> JSON:
     ]
     next_before = items[-1]["id"] if len(items) == limit else None
     return JSON({"rejections": items, "next": next_before})
-
-
-def _int_param(raw: str | None, name: str, default: int | None) -> Any:
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.strip().lstrip("+-").isdigit() or len(raw) > 25:
-        raise ApiError(400, [{"field": name, "message": "must be an integer"}])
-    try:
-        return int(raw)
-    except ValueError:
-        raise ApiError(400, [{"field": name, "message": "must be an integer"}]) from None

@@ -1,2 +1,3 @@
-"""MQTT: the packet codec, the daemon's subscriber, its intake, the topics, and a fast
-publisher for the simulator and the benchmarks."""
+"""MQTT, the daemon's side of it: one connection through the `mqtt5` codec (`connection`),
+the session with its acknowledgements after commit (`subscriber`), the intake that turns a
+delivery into a submission (`intake`), the topics, reason codes in words, and TLS."""

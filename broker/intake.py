@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from broker.connection import Delivery
 from broker.topics import parse_topic
-from db.writes import RejectionRow, payload_text
+from db.writes import RejectionRow
 from ingest.readings import Limits, ParsedPayload, Reading, parse_payload, whole_payload
 from ingest.writer import Overloaded, Submission, Writer
 
@@ -92,12 +92,13 @@ class MqttIntake:
         return self._submit(delivery, now, [], [self._rejection(delivery, now, reason)])
 
     def _rejection(self, delivery: Delivery, now: datetime, reason: str) -> RejectionRow:
-        return RejectionRow(
+        return RejectionRow.of(
+            delivery.payload,
+            reason,
             received_at=now,
             source="mqtt",
-            topic_or_route=delivery.topic,
-            payload=payload_text(delivery.payload, self._payload_max_bytes),
-            reason=reason,
+            origin=delivery.topic,
+            max_bytes=self._payload_max_bytes,
         )
 
     def _submit(

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
-from ingest.readings import DEVICE_ID_PATTERN, Stream
+from ingest.readings import DEVICE_ID_PATTERN, Stream, is_device_id
 
 TOPIC_FILTERS = {Stream.METER: "meters/+/telemetry", Stream.VEHICLE: "vehicles/+/telemetry"}
 _PREFIXES = {"meters": Stream.METER, "vehicles": Stream.VEHICLE}
-_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 
 
 def subscriptions(shared_group: str) -> list[str]:
@@ -22,6 +19,6 @@ def parse_topic(topic: str) -> tuple[Stream, str] | str:
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] not in _PREFIXES or parts[2] != "telemetry":
         return "topic is not meters/{meterId}/telemetry or vehicles/{vehicleId}/telemetry"
-    if not _DEVICE_ID.fullmatch(parts[1]):
+    if not is_device_id(parts[1]):
         return f"device id in the topic must match {DEVICE_ID_PATTERN}"
     return _PREFIXES[parts[0]], parts[1]

@@ -29,8 +29,8 @@ from broker.intake import MqttIntake
 from broker.subscriber import Intake, MqttSubscriber, SessionSettings
 from broker.tls import client_context
 from broker.topics import subscriptions
-from daemon.database import database_probes, prepare_database
-from daemon.pools import POOL_CLOSE_S, database_pools
+from daemon.database import Probes, database_probes, prepare_database
+from daemon.pools import POOL_CLOSE_S, Pools, database_pools
 from daemon.services import private_services
 from ingest.config import MqttEndpoint, Settings
 from ingest.flushing import PoolFlush
@@ -91,23 +91,7 @@ async def serve(
         )
         writer.room_listeners.append(subscriber.resume)  # (it pauses itself when full)
         housekeeping = Housekeeping(settings, pools.control, writer, metrics)
-        http = HttpServer(
-            create_app(
-                Runtime(
-                    settings=settings,
-                    writer=writer,
-                    limits=limits,
-                    read_pool=pools.read,
-                    control_pool=pools.control,
-                    broker_status=lambda: BrokerStatus(subscriber.ready, subscriber.detail),
-                    upkeep_status=lambda: housekeeping.status,
-                    database_status=lambda: probes.primary.status,
-                    replica_status=lambda: probes.replica.status if probes.replica else None,
-                )
-            ),
-            settings,
-            metrics,
-        )
+        http = _http(settings, writer, limits, pools, probes, subscriber, housekeeping, metrics)
 
         # Entered in this order, left in the reverse: the shutdown order above.
         await stack.enter_async_context(subscriber.within(deadline))
@@ -125,6 +109,31 @@ async def serve(
             log.error("%s stopped: %s", part.name, error if error else "it returned")
     log.info("stopped")
     return not crashed
+
+
+def _http(
+    settings: Settings,
+    writer: Writer,
+    limits: Limits,
+    pools: Pools,
+    probes: Probes,
+    subscriber: MqttSubscriber,
+    housekeeping: Housekeeping,
+    metrics: Metrics,
+) -> HttpServer:
+    """HTTP's intake (into the same writer) and the operators' reads, on the read pool."""
+    runtime = Runtime(
+        settings=settings,
+        writer=writer,
+        limits=limits,
+        read_pool=pools.read,
+        control_pool=pools.control,
+        broker_status=lambda: BrokerStatus(subscriber.ready, subscriber.detail),
+        upkeep_status=lambda: housekeeping.status,
+        database_status=lambda: probes.primary.status,
+        replica_status=lambda: probes.replica.status if probes.replica else None,
+    )
+    return HttpServer(create_app(runtime), settings, metrics)
 
 
 def _stop_on_signals() -> asyncio.Event:

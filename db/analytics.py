@@ -5,8 +5,9 @@ DC is what a vehicle reported in the window. AC is what its meters measured whil
 linked to it: every session overlapping the window contributes its meter's readings between
 max(session start, window start) and min(session end, window end), half-open.
 
-Sums come from the hourly roll-ups for whole hours and from the raw readings for the parts of
-hours at the window's edges (db/windows.py decides which). Sessions that cover the whole
+Sums come from the hourly roll-ups for whole hours (with the deltas not yet folded into
+them, `db.rollup`) and from the raw readings for the parts of hours at the window's edges
+(db/windows.py decides which). Sessions that cover the whole
 window share the window's pieces; one that starts or ends inside it is summed over its own
 hours and edges. One vehicle and the fleet run the same statement (the vehicle's names it),
 so their numbers agree; the cost depends on the window and the fleet's size, not on how much
@@ -101,7 +102,7 @@ def _window_sql(window: list[Piece], *, one_vehicle: bool) -> str:
             HOURLY: f"""
         SELECT h.vehicle_id, {{sign}} * least(h.kwh_delivered_dc, {CLAMP}), {{sign}} * h.readings,
                {{sign}} * h.battery_temp_sum
-        FROM {VEHICLE.hourly} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_vehicle}""",
+        FROM {VEHICLE.hourly_all} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_vehicle}""",
             RAW: f"""
         SELECT v.vehicle_id, {{sign}} * least(v.kwh_delivered_dc, {CLAMP}), {{sign}},
                {{sign}} * v.battery_temp
@@ -113,7 +114,7 @@ def _window_sql(window: list[Piece], *, one_vehicle: bool) -> str:
         {
             HOURLY: f"""
         SELECT h.meter_id, {{sign}} * least(h.kwh_consumed_ac, {CLAMP}), {{sign}} * h.readings, 0
-        FROM {METER.hourly} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_meter}""",
+        FROM {METER.hourly_all} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_meter}""",
             RAW: f"""
         SELECT m.meter_id, {{sign}} * least(m.kwh_consumed_ac, {CLAMP}), {{sign}}, 0
         FROM {METER.history} m WHERE m.ts >= {{lo}} AND m.ts < {{hi}} {m_meter}""",
@@ -145,7 +146,7 @@ edges AS (
 partial AS (
     SELECT vehicle_id, meter_id, sum(kwh) AS kwh, sum(n)::bigint AS n FROM (
         SELECT e.vehicle_id, e.meter_id, least(h.kwh_consumed_ac, {CLAMP}) AS kwh, h.readings AS n
-        FROM edges e JOIN {METER.hourly} h
+        FROM edges e JOIN {METER.hourly_all} h
           ON h.meter_id = e.meter_id AND h.hour >= e.ha AND h.hour < e.hb
         WHERE h.hour >= date_trunc('hour', $1, 'UTC') AND h.hour < $2
         UNION ALL

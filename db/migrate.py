@@ -16,12 +16,14 @@ from importlib import resources
 
 import asyncpg
 
+from db.tables import MIGRATIONS
+
 log = logging.getLogger(__name__)
 
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
-CREATE_LEDGER = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
+CREATE_LEDGER = f"""
+CREATE TABLE IF NOT EXISTS {MIGRATIONS} (
     version    integer     PRIMARY KEY,
     name       text        NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
@@ -70,7 +72,7 @@ async def _apply(conn: asyncpg.Connection, schema: str, applied_now: list[Migrat
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(f'SET LOCAL search_path = "{schema}"')
         await conn.execute(CREATE_LEDGER)
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {MIGRATIONS}")}
         for migration in available_migrations():
             if migration.version in done:
                 continue
@@ -81,7 +83,7 @@ async def _apply(conn: asyncpg.Connection, schema: str, applied_now: list[Migrat
             finally:
                 conn.remove_log_listener(_said)
             await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                f"INSERT INTO {MIGRATIONS} (version, name) VALUES ($1, $2)",
                 migration.version,
                 migration.name,
             )

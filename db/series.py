@@ -28,7 +28,7 @@ WITH bounds AS (
 dc AS (
     SELECT date_bin($4, h.hour, {ORIGIN}) AS bucket, least(h.kwh_delivered_dc, {CLAMP}) AS kwh,
            h.readings AS n, h.battery_temp_sum AS temp, h.last_ts AS ts, h.last_soc AS soc
-    FROM {VEHICLE.hourly} h, bounds
+    FROM {VEHICLE.hourly_all} h, bounds
     WHERE h.vehicle_id = $1 AND h.hour >= bounds.hs AND h.hour < bounds.he
       AND h.hour >= date_trunc('hour', $2, 'UTC') AND h.hour < $3
     UNION ALL
@@ -55,7 +55,7 @@ edges AS (
 ac AS (
     SELECT date_bin($4, h.hour, {ORIGIN}) AS bucket, least(h.kwh_consumed_ac, {CLAMP}) AS kwh,
            h.readings AS n
-    FROM edges e JOIN {METER.hourly} h
+    FROM edges e JOIN {METER.hourly_all} h
       ON h.meter_id = e.meter_id AND h.hour >= e.ha AND h.hour < e.hb
     WHERE h.hour >= date_trunc('hour', $2, 'UTC') AND h.hour < $3
     UNION ALL

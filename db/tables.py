@@ -10,7 +10,9 @@ class StreamTables:
     stream: str
     history: str
     latest: str
-    hourly: str
+    hourly: str  # the roll-ups (one row per device and hour)
+    deltas: str  # what flushes added since the last fold into the roll-ups
+    hourly_all: str  # a view: both, for reading (sum per device and hour)
     id_column: str
     value_columns: tuple[str, ...]
     value_types: tuple[str, ...]
@@ -30,6 +32,8 @@ METER = StreamTables(
     history="meter_readings",
     latest="meter_latest",
     hourly="meter_hourly",
+    deltas="meter_hour_deltas",
+    hourly_all="meter_hourly_all",
     id_column="meter_id",
     value_columns=("kwh_consumed_ac", "voltage"),
     value_types=("float8", "float8"),
@@ -39,6 +43,8 @@ VEHICLE = StreamTables(
     history="vehicle_readings",
     latest="vehicle_latest",
     hourly="vehicle_hourly",
+    deltas="vehicle_hour_deltas",
+    hourly_all="vehicle_hourly_all",
     id_column="vehicle_id",
     value_columns=("soc", "kwh_delivered_dc", "battery_temp"),
     value_types=("float8", "float8", "float8"),
@@ -53,4 +59,5 @@ PARTITIONED = {
     VEHICLE.hourly: " WITH (fillfactor = 70)",
 }
 REJECTIONS = "rejections"
+MIGRATIONS = "schema_migrations"  # the ledger of applied migrations (db/migrate.py)
 SESSIONS = "charging_sessions"

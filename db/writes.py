@@ -1,10 +1,11 @@
 """The flush transaction: a whole batch of readings and rejections in one SQL statement.
 
 For each stream, the statement inserts the history rows (a (device, ts) already stored is
-skipped, not an error: the first stored value stands), adds what it stored to each device's
-hourly roll-up, and upserts the latest row per device from what the history took, guarded so
-that an older reading never overwrites a newer state (so the latest state is always a row of
-the history); then it records the rejections. When some rows were already stored, the
+skipped, not an error: the first stored value stands), appends what it stored, summed by
+device and hour, to the roll-ups' deltas (`db.rollup` folds them in), and upserts the
+latest row per device from what the history took, guarded so that an older reading never
+overwrites a newer state (so the latest state is always a row of the history); then it
+records the rejections. When some rows were already stored, the
 statement also says which rows it stored and what the others hold, so that a copy (a
 duplicate) can be told from another reading at the same moment (a conflict). Arrays travel through
 `unnest`, never a statement per reading; the latest rows are written in device-id order so
@@ -32,29 +33,19 @@ REJECTION_TYPES = ("timestamptz", "text", "text", "text", "text")
 
 # Each stored reading added to its device's hour, from what the history insert returned: so
 # a duplicate (not inserted) is never counted, nor a reading the history refuses (the whole
-# statement fails), and a late reading goes to its own hour. In (device, hour) order, so that
-# two daemons never lock the same rows in opposite orders.
+# statement fails), and a late reading goes to its own hour. Appended to the deltas (no index,
+# no conflict: nothing to look up or lock), folded into the roll-ups later (`db.rollup.fold`).
 _HOURLY = {
     "meter": """
-    INSERT INTO {t.hourly} AS h (meter_id, hour, kwh_consumed_ac, readings)
+    INSERT INTO {t.deltas} (meter_id, hour, kwh_consumed_ac, readings)
     SELECT meter_id, date_trunc('hour', ts, 'UTC'), sum(kwh_consumed_ac), count(*)
-    FROM {s}_inserted GROUP BY 1, 2 ORDER BY 1, 2
-    ON CONFLICT (meter_id, hour) DO UPDATE
-    SET kwh_consumed_ac = h.kwh_consumed_ac + EXCLUDED.kwh_consumed_ac,
-        readings = h.readings + EXCLUDED.readings""",
+    FROM {s}_inserted GROUP BY 1, 2""",
     "vehicle": """
-    INSERT INTO {t.hourly} AS h
+    INSERT INTO {t.deltas}
         (vehicle_id, hour, kwh_delivered_dc, readings, battery_temp_sum, last_ts, last_soc)
     SELECT vehicle_id, date_trunc('hour', ts, 'UTC'), sum(kwh_delivered_dc), count(*),
            sum(battery_temp), max(ts), (array_agg(soc ORDER BY ts DESC))[1]
-    FROM {s}_inserted GROUP BY 1, 2 ORDER BY 1, 2
-    ON CONFLICT (vehicle_id, hour) DO UPDATE
-    SET kwh_delivered_dc = h.kwh_delivered_dc + EXCLUDED.kwh_delivered_dc,
-        readings = h.readings + EXCLUDED.readings,
-        battery_temp_sum = h.battery_temp_sum + EXCLUDED.battery_temp_sum,
-        last_soc = CASE WHEN EXCLUDED.last_ts > h.last_ts THEN EXCLUDED.last_soc
-                        ELSE h.last_soc END,
-        last_ts = greatest(h.last_ts, EXCLUDED.last_ts)""",
+    FROM {s}_inserted GROUP BY 1, 2""",
 }
 
 
@@ -146,16 +137,30 @@ class RejectionRow:
     payload: str
     reason: str
 
+    @classmethod
+    def of(
+        cls,
+        payload: bytes,
+        reason: str,
+        *,
+        received_at: datetime,
+        source: str,
+        origin: str,
+        max_bytes: int | None = None,
+    ) -> RejectionRow:
+        """A rejection keeping the payload as received (its first `max_bytes` bytes)."""
+        kept = payload_text(payload, len(payload) if max_bytes is None else max_bytes)
+        return cls(received_at, source, origin, kept, reason)
+
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """What one stream's insert stored: `count` rows; when that is fewer than were offered,
-    which ones (`keys`; None when every offered row was new), and the values of the offered
-    keys that were stored before (`before`: key → the value columns, in table order). A key
-    in neither was stored meanwhile by another transaction (another daemon): its values are
-    read afterwards (`db.writes.stored_values`)."""
+    """What one stream's insert stored: when that is fewer rows than were offered, which ones
+    (`keys`; None when every offered row was new), and the values of the offered keys that
+    were stored before (`before`: key → the value columns, in table order). A key in neither
+    was stored meanwhile by another transaction (another daemon): its values are read
+    afterwards (`db.writes.stored_values`)."""
 
-    count: int
     keys: set[Key] | None = None
     before: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
 
@@ -184,10 +189,10 @@ async def flush_batch(conn: asyncpg.Connection, batch: FlushBatch) -> dict[str, 
             continue
         count, ids, tss = record[f"{name}_stored"], record[f"{name}_ids"], record[f"{name}_tss"]
         if count == len(rows):
-            stored[name] = Stored(count)
+            stored[name] = Stored()
         else:  # (array_agg of no rows is NULL: none of them was new)
             before = {(r[0], r[1]): tuple(r[2:]) for r in record[f"{name}_before"] or ()}
-            stored[name] = Stored(count, set(zip(ids or (), tss or (), strict=True)), before)
+            stored[name] = Stored(set(zip(ids or (), tss or (), strict=True)), before)
     return stored
 
 

@@ -28,9 +28,10 @@ from typing import Any, cast
 
 import orjson
 
+from db.tables import STREAMS
 from db.writes import FlushBatch, Key, RejectionRow, Row, Stored
 from ingest.metrics import Metrics
-from ingest.readings import MeterReading, Reading, Stream, VehicleReading
+from ingest.readings import JSON_NAMES, MeterReading, Reading, Stream, VehicleReading
 
 log = logging.getLogger(__name__)
 
@@ -347,12 +348,12 @@ def refusal_piece(piece: Piece, position: int, detail: str) -> Piece:
 
 
 def record_of(submission: Submission, reading: Reading, reason: str) -> RejectionRow:
-    return RejectionRow(
+    return RejectionRow.of(
+        orjson.dumps(reading.model_dump(mode="json", by_alias=True)),
+        reason,
         received_at=submission.received_at,
         source=submission.transport,
-        topic_or_route=submission.origin or "(database)",
-        payload=orjson.dumps(reading.model_dump(mode="json", by_alias=True)).decode(),
-        reason=reason,
+        origin=submission.origin or "(database)",
     )
 
 
@@ -361,9 +362,6 @@ def _value_tuple(reading: Reading) -> tuple[Any, ...]:
 
 
 def _values_text(reading: Reading, values: tuple[Any, ...]) -> str:
-    names = (
-        ("kwhConsumedAc", "voltage")
-        if type(reading) is MeterReading
-        else ("soc", "kwhDeliveredDc", "batteryTemp")
-    )
+    columns = STREAMS[METER if type(reading) is MeterReading else VEHICLE].value_columns
+    names = [JSON_NAMES[column] for column in columns]
     return ", ".join(f"{name} {value!r}" for name, value in zip(names, values, strict=False))

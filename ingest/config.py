@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     retention_days: int = Field(default=30, ge=1)
     partition_lookahead_days: int = Field(default=3, ge=1)
     upkeep_interval_s: int = Field(default=3600, ge=1)
+    # How often the deltas the flushes append are folded into the hourly roll-ups.
+    rollup_fold_s: float = Field(default=1.0, gt=0, le=3600)
     future_skew_s: int = Field(default=300, ge=0)
     max_kwh_per_reading: float = Field(default=1000.0, gt=0, le=1e12)
     rejection_payload_max_bytes: int = Field(default=2048, ge=64)

@@ -1,5 +1,5 @@
 """Housekeeping that runs beside ingestion: partitions created ahead and dropped past retention,
-and the bound on the `rejections` table.
+the deltas of the hourly roll-ups folded in, and the bound on the `rejections` table.
 
 Partition upkeep runs every UPKEEP_INTERVAL_S, and at once (at most every
 UPKEEP_SOONEST_S) when a flush fails for a reason of the database's own, such as a missing
@@ -8,6 +8,10 @@ is on /health and in the metrics, not only in the log: past PARTITION_LOOKAHEAD_
 stop every write. It is tried again with back-off (UPKEEP_RETRY_FIRST_S doubling to
 UPKEEP_RETRY_MAX_S) until it succeeds, not at the next hourly round: an outage of the
 database that spans an upkeep run leaves /health red for seconds after it, not an hour.
+
+The deltas each flush appends are folded into the roll-ups every ROLLUP_FOLD_S, and at once
+again while a fold finds a full batch (a backlog drained): the fewer deltas wait, the less
+analytics read twice. A failed fold loses nothing (the deltas stay, and are read).
 
 Trimming the rejections is tried every TRIM_EVERY_S while rejections were written, until it
 succeeds.
@@ -25,8 +29,9 @@ from datetime import UTC, datetime
 import asyncpg
 
 from db.errors import DatabaseFailure, PersistentFailure
-from db.partitions import upkeep
+from db.partitions import days_to_keep, upkeep
 from db.rejections import trim_rejections
+from db.rollup import FOLD_BATCH, fold
 from ingest.config import Settings
 from ingest.lifecycle import Component
 from ingest.metrics import Metrics
@@ -72,6 +77,7 @@ class Housekeeping(Component):
         self._metrics = metrics
         self._wake = asyncio.Event()
         self._last_run = 0.0
+        self._fold_failing = False
         self.status = UpkeepStatus()
         writer.failure_listeners.append(self._on_write_failure)
 
@@ -80,7 +86,7 @@ class Housekeeping(Component):
             self._wake.set()
 
     async def run(self) -> None:
-        await asyncio.gather(self._partitions(), self._rejection_bound())
+        await asyncio.gather(self._partitions(), self._folds(), self._rejection_bound())
 
     async def _partitions(self) -> None:
         wait_s = float(self._settings.upkeep_interval_s)
@@ -124,6 +130,40 @@ class Housekeeping(Component):
         self._metrics.upkeep_last_success.set(time.time())
         self._writer.retry_held_now()
         return True
+
+    async def _folds(self) -> None:
+        while True:
+            moved = await self.fold_once()
+            if moved is None or moved < FOLD_BATCH:
+                await asyncio.sleep(self._settings.rollup_fold_s)
+
+    async def fold_once(self) -> int | None:
+        """Fold what deltas wait into the roll-ups; how many moved (None: it failed)."""
+        now = datetime.now(UTC)
+        oldest = days_to_keep(
+            now,
+            retention_days=self._settings.retention_days,
+            lookahead_days=self._settings.partition_lookahead_days,
+        )[0]
+        try:
+            async with self._pool.acquire() as conn:
+                moved = await fold(
+                    conn,
+                    schema=self._settings.db_schema,
+                    oldest_hour=datetime(oldest.year, oldest.month, oldest.day, tzinfo=UTC),
+                )
+        except Exception as error:  # tried again at the next round; nothing is lost
+            self._metrics.rollup_fold_failures.inc()
+            level = logging.DEBUG if self._fold_failing else logging.WARNING
+            log.log(level, "folding the roll-ups' deltas failed (trying again): %s", error)
+            self._fold_failing = True
+            return None
+        if self._fold_failing:
+            log.info("folding the roll-ups' deltas works again")
+            self._fold_failing = False
+        if moved:
+            self._metrics.rollup_deltas_folded.inc(moved)
+        return moved or 0
 
     async def _rejection_bound(self) -> None:
         """Keep the newest REJECTIONS_MAX_ROWS rejections; count what goes."""

@@ -138,9 +138,18 @@ class RecentRate:
 
 
 class Metrics:
+    """Every metric of the daemon, in one registry (GET /metrics), declared by concept."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.stored_rate = RecentRate()  # new readings committed, per second
         r = self.registry
+        self._declare_writes(r)
+        self._declare_mqtt(r)
+        self._declare_housekeeping(r)
+        self._declare_process(r)
+
+    def _declare_writes(self, r: CollectorRegistry) -> None:
         self.readings = Counter(
             "energy_ingest_readings",
             "Readings by outcome (accepted, duplicate, rejected), stream and transport",
@@ -195,6 +204,8 @@ class Metrics:
             "0 while a flush is retrying because PostgreSQL is away or refuses writes",
             registry=r,
         )
+
+    def _declare_mqtt(self, r: CollectorRegistry) -> None:
         self.broker_connected = Gauge(
             "energy_ingest_broker_connected", "1 while connected to the MQTT broker", registry=r
         )
@@ -221,6 +232,8 @@ class Metrics:
             "Reconnects that found no session on the broker where one should have been",
             registry=r,
         )
+
+    def _declare_housekeeping(self, r: CollectorRegistry) -> None:
         self.upkeep_failures = Counter(
             "energy_ingest_partition_upkeep_failures",
             "Partition upkeep runs that failed (partitions not created ahead)",
@@ -240,6 +253,20 @@ class Metrics:
             "energy_ingest_rejections_unrecorded",
             "Rejection records not written: more than 1,000 waited for the database (it was "
             "away), or PostgreSQL refused the record itself",
+            registry=r,
+        )
+
+    def _declare_process(self, r: CollectorRegistry) -> None:
+        self.rollup_deltas_folded = Counter(
+            "energy_ingest_rollup_deltas_folded",
+            "Roll-up deltas (a device's hour, as one flush stored it) folded into the hourly "
+            "roll-ups",
+            registry=r,
+        )
+        self.rollup_fold_failures = Counter(
+            "energy_ingest_rollup_fold_failures",
+            "Folds of the deltas into the hourly roll-ups that failed (tried again; analytics "
+            "read the deltas meanwhile, so their figures stay whole)",
             registry=r,
         )
         self.internal_errors = Counter(
@@ -286,7 +313,6 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.stored_rate = RecentRate()  # new readings committed, per second
 
     def watch_http(self, limits: HttpCounts) -> None:
         """The HTTP server's connection counts, read when scraped."""

@@ -131,6 +131,12 @@ class VehicleReading(_Reading):
 
 
 Reading = MeterReading | VehicleReading
+# Each column of the history and the latest state (db/tables.py) → its JSON name (SPEC §2).
+JSON_NAMES: dict[str, str] = {
+    name: field.alias or name
+    for model in (MeterReading, VehicleReading)
+    for name, field in model.model_fields.items()
+} | {"ts": "timestamp", "received_at": "receivedAt"}
 MODELS: dict[Stream, type[MeterReading] | type[VehicleReading]] = {
     Stream.METER: MeterReading,
     Stream.VEHICLE: VehicleReading,
@@ -238,22 +244,25 @@ class ParsedPayload:
     not to how many bad items they hold)."""
 
     readings: list[Reading] = dataclasses.field(default_factory=list)
+    positions: list[int] = dataclasses.field(default_factory=list)  # each reading's item
     rejected: list[Rejected] = dataclasses.field(default_factory=list)
     rejected_count: int = 0
     items: int = 1  # readings the payload held; 1 for anything but an array
+    keep_all: bool = False  # every rejection in `rejected` (an HTTP batch lists them all)
 
     def reject(self, rejected: Rejected) -> None:
         self.rejected_count += 1
-        if len(self.rejected) < LISTED_REJECTIONS:
+        if self.keep_all or len(self.rejected) < LISTED_REJECTIONS:
             self.rejected.append(rejected)
 
     @property
     def reason(self) -> str:
         """One line for the rejection record of the whole payload."""
-        listed = "; ".join(r.reason for r in self.rejected)
+        shown = self.rejected[:LISTED_REJECTIONS]
+        listed = "; ".join(r.reason for r in shown)
         if self.items == 1 and self.rejected_count == 1:
             return listed
-        more = self.rejected_count - len(self.rejected)
+        more = self.rejected_count - len(shown)
         return f"{self.rejected_count} of {self.items} readings rejected: {listed}" + (
             f"; and {more} more" if more else ""
         )
@@ -282,9 +291,27 @@ def parse_payload(
     items: Sequence[Any] = [decoded] if single else decoded
     if not items:
         return whole_payload("empty array: no readings")
-    parsed = ParsedPayload(items=len(items))
+    return validate_items(
+        stream, items, now=now, limits=limits, expected_id=expected_id, indexed=not single
+    )
+
+
+def validate_items(
+    stream: Stream,
+    items: Sequence[Any],
+    *,
+    now: datetime,
+    limits: Limits,
+    expected_id: str | None = None,
+    indexed: bool = True,
+    keep_all: bool = False,
+) -> ParsedPayload:
+    """Validate each item as a reading of `stream` (MQTT's arrays, HTTP's batches): the valid
+    ones with their positions, the others with their reasons (all of them with `keep_all`,
+    else the first LISTED_REJECTIONS and a count)."""
+    parsed = ParsedPayload(items=len(items), keep_all=keep_all)
     for position, item in enumerate(items):
-        if type(item) is not dict and len(parsed.rejected) >= LISTED_REJECTIONS:
+        if type(item) is not dict and not keep_all and len(parsed.rejected) >= LISTED_REJECTIONS:
             parsed.rejected_count += 1  # (not listed anyway: counted, at the cost of a check)
             continue
         result = validate_reading(
@@ -293,10 +320,11 @@ def parse_payload(
             now=now,
             limits=limits,
             expected_id=expected_id,
-            index=None if single else position,
+            index=position if indexed else None,
         )
         if isinstance(result, Rejected):
             parsed.reject(result)
         else:
             parsed.readings.append(result)
+            parsed.positions.append(position)
     return parsed

@@ -4,10 +4,12 @@ shared by the durability and fault tests."""
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from db.rollup import fold
+from db.tables import METER, VEHICLE
 from tests.helpers import eventually, meter_json, minutes_ago
 from tests.services import Publisher
 
@@ -96,8 +98,8 @@ WITH raw AS (
     SELECT {id} AS id, date_trunc('hour', ts, 'UTC') AS hour, sum({kwh}) AS kwh, count(*) AS n
     FROM {history} WHERE ($1::text[] IS NULL OR {id} = ANY($1)) GROUP BY 1, 2
 ), rolled AS (
-    SELECT {id} AS id, hour, {kwh} AS kwh, readings AS n
-    FROM {hourly} WHERE ($1::text[] IS NULL OR {id} = ANY($1))
+    SELECT {id} AS id, hour, sum({kwh}) AS kwh, sum(readings) AS n
+    FROM {hourly} WHERE ($1::text[] IS NULL OR {id} = ANY($1)) GROUP BY 1, 2
 )
 SELECT count(*) FROM raw FULL JOIN rolled USING (id, hour)
 WHERE raw.n IS DISTINCT FROM rolled.n
@@ -108,11 +110,35 @@ async def assert_rollups_match_history(
     conn: asyncpg.Connection, meters: list[str] | None = None, vehicles: list[str] | None = None
 ) -> None:
     """Every stored reading counted exactly once in its device's hour: no hour of the roll-ups
-    (of these devices, or of all) differs from the history summed again."""
-    for history, hourly, column, kwh, devices in (
-        ("meter_readings", "meter_hourly", "meter_id", "kwh_consumed_ac", meters),
-        ("vehicle_readings", "vehicle_hourly", "vehicle_id", "kwh_delivered_dc", vehicles),
+    (of these devices, or of all) differs from the history summed again. Checked as readers
+    see them (roll-ups and deltas not yet folded together), then again once every delta is
+    folded in (the roll-ups alone)."""
+    await compare_rollups(conn, "hourly_all", meters, vehicles)
+    await _fold_everything(conn)
+    await compare_rollups(conn, "hourly", meters, vehicles)
+
+
+async def compare_rollups(
+    conn: asyncpg.Connection, kind: str, meters: list[str] | None, vehicles: list[str] | None
+) -> None:
+    for t, kwh, devices in (
+        (METER, "kwh_consumed_ac", meters),
+        (VEHICLE, "kwh_delivered_dc", vehicles),
     ):
-        sql = ROLLUPS_AGAINST_HISTORY.format(id=column, kwh=kwh, history=history, hourly=hourly)
+        hourly = getattr(t, kind)
+        sql = ROLLUPS_AGAINST_HISTORY.format(
+            id=t.id_column, kwh=kwh, history=t.history, hourly=hourly
+        )
         differing = await conn.fetchval(sql, devices)
-        assert differing == 0, f"{hourly}: {differing} hours differ from {history}"
+        assert differing == 0, f"{hourly}: {differing} hours differ from {t.history}"
+
+
+async def _fold_everything(conn: asyncpg.Connection) -> None:
+    """Fold until no delta is left (a daemon still running may be folding too)."""
+
+    async def folded() -> bool:
+        await fold(conn, schema="public", oldest_hour=datetime(2000, 1, 1, tzinfo=UTC))
+        left = [await conn.fetchval(f"SELECT count(*) FROM {t.deltas}") for t in (METER, VEHICLE)]
+        return left == [0, 0]
+
+    await eventually(folded, timeout_s=10)

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from api.app import App, create_app
-from api.openapi import ENDPOINTS
+from api.routes import ENDPOINTS
 from api.runtime import BrokerStatus, Runtime
 from db.pool import create_pool
 from db.probe import DatabaseStatus

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 from schemathesis.core.result import Ok
 
-from api.openapi import ENDPOINTS
+from api.routes import ENDPOINTS
 from tests.services import DaemonProcess
 
 SPEC_ROUTES = {

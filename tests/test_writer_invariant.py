@@ -82,8 +82,8 @@ class MemoryDatabase:
                 new.add(key)
         self.records.extend(batch.rejections)
         self.commits += 1
-        stored = Stored(len(new), None if len(new) == len(rows) else new, before)
-        return {"meter": stored, "vehicle": Stored(0)}
+        stored = Stored(None if len(new) == len(rows) else new, before)
+        return {"meter": stored, "vehicle": Stored()}
 
 
 def reading(meter: int, moment: int, kwh: int, bad: bool) -> MeterReading:

@@ -35,7 +35,7 @@ async def test_readings_land_in_history_and_latest(conn: asyncpg.Connection) -> 
         vehicles=[vehicle_row("V1", 1)],
     )
     # Every row new: only the count comes back.
-    assert inserted["meter"] == Stored(2) and inserted["vehicle"] == Stored(1)
+    assert inserted["meter"] == Stored() and inserted["vehicle"] == Stored()
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
     latest = await conn.fetchrow("SELECT ts, kwh_consumed_ac FROM meter_latest WHERE meter_id='M1'")
     assert latest["ts"] == NOW - timedelta(minutes=1) and latest["kwh_consumed_ac"] == 2.0
@@ -48,14 +48,14 @@ async def test_duplicate_reading_is_stored_once_and_reported(conn: asyncpg.Conne
     earlier = ("M1", NOW - timedelta(minutes=1))
     # What was stored now, and what the other key already held (to tell a copy from a
     # conflict).
-    assert inserted["meter"] == Stored(1, {("M1", NOW)}, {earlier: (1.0, 230.0)})
+    assert inserted["meter"] == Stored({("M1", NOW)}, {earlier: (1.0, 230.0)})
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 2
 
 
 async def test_same_reading_twice_in_one_batch_is_stored_once(conn: asyncpg.Connection) -> None:
     # (The writer sends each key once; the statement alone stores a key twice offered once.)
     inserted = await flush(conn, meters=[meter_row("M1", 1), meter_row("M1", 1)])
-    assert inserted["meter"] == Stored(1, {("M1", NOW - timedelta(minutes=1))})
+    assert inserted["meter"] == Stored({("M1", NOW - timedelta(minutes=1))})
     assert await conn.fetchval("SELECT count(*) FROM meter_readings") == 1
 
 
@@ -87,7 +87,7 @@ async def test_a_batch_of_duplicates_only_stores_nothing(conn: asyncpg.Connectio
     await flush(conn, meters=[meter_row("M1", 1)])
     inserted = await flush(conn, meters=[meter_row("M1", 1)])
     key = ("M1", NOW - timedelta(minutes=1))
-    assert inserted["meter"] == Stored(0, set(), {key: (1.0, 230.0)})
+    assert inserted["meter"] == Stored(set(), {key: (1.0, 230.0)})
     assert not inserted["meter"].is_new(key)
 
 
