@@ -89,37 +89,7 @@ def _window_sql(window: list[Piece], *, one_vehicle: bool) -> str:
     rows) and the AC its meter measured while linked to it, over the window."""
     vehicle_param = f"${FIRST_PIECE_PARAM + 2 * len(window)}"
     vehicle = f"AND {{alias}}.vehicle_id = {vehicle_param}" if one_vehicle else ""
-    overlapping = OVERLAPS.format(alias="")
-    its_meters = (
-        f"SELECT meter_id FROM {SESSIONS} WHERE vehicle_id = {vehicle_param} AND {overlapping}"
-    )
-    meter = f"AND {{alias}}.meter_id IN ({its_meters})" if one_vehicle else ""
-    h_vehicle, v_vehicle = vehicle.format(alias="h"), vehicle.format(alias="v")
-    h_meter, m_meter = meter.format(alias="h"), meter.format(alias="m")
-    dc_parts = _parts(
-        window,
-        {
-            HOURLY: f"""
-        SELECT h.vehicle_id, {{sign}} * least(h.kwh_delivered_dc, {CLAMP}), {{sign}} * h.readings,
-               {{sign}} * h.battery_temp_sum
-        FROM {VEHICLE.hourly_all} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_vehicle}""",
-            RAW: f"""
-        SELECT v.vehicle_id, {{sign}} * least(v.kwh_delivered_dc, {CLAMP}), {{sign}},
-               {{sign}} * v.battery_temp
-        FROM {VEHICLE.history} v WHERE v.ts >= {{lo}} AND v.ts < {{hi}} {v_vehicle}""",
-        },
-    )
-    ac_parts = _parts(
-        window,
-        {
-            HOURLY: f"""
-        SELECT h.meter_id, {{sign}} * least(h.kwh_consumed_ac, {CLAMP}), {{sign}} * h.readings, 0
-        FROM {METER.hourly_all} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_meter}""",
-            RAW: f"""
-        SELECT m.meter_id, {{sign}} * least(m.kwh_consumed_ac, {CLAMP}), {{sign}}, 0
-        FROM {METER.history} m WHERE m.ts >= {{lo}} AND m.ts < {{hi}} {m_meter}""",
-        },
-    )
+    dc_parts, ac_parts = _piece_sums(window, vehicle_param if one_vehicle else None)
     return f"""
 dc AS (
     SELECT vehicle_id, sum(kwh) AS kwh, sum(n)::bigint AS n, sum(temp) AS temp
@@ -170,6 +140,44 @@ ac AS (
     LEFT JOIN partial p USING (vehicle_id, meter_id)
 ),
 {FIGURES}"""
+
+
+def _piece_sums(window: list[Piece], vehicle_param: str | None) -> tuple[str, str]:
+    """The window's pieces, each summed from the roll-ups or the raw history: DC by vehicle,
+    AC by meter (for one vehicle: its own, and the meters it was linked to in the window)."""
+    vehicle = f"AND {{alias}}.vehicle_id = {vehicle_param}" if vehicle_param else ""
+    overlapping = OVERLAPS.format(alias="")
+    its_meters = (
+        f"SELECT meter_id FROM {SESSIONS} WHERE vehicle_id = {vehicle_param} AND {overlapping}"
+    )
+    meter = f"AND {{alias}}.meter_id IN ({its_meters})" if vehicle_param else ""
+    h_vehicle, v_vehicle = vehicle.format(alias="h"), vehicle.format(alias="v")
+    h_meter, m_meter = meter.format(alias="h"), meter.format(alias="m")
+    dc_parts = _parts(
+        window,
+        {
+            HOURLY: f"""
+        SELECT h.vehicle_id, {{sign}} * least(h.kwh_delivered_dc, {CLAMP}), {{sign}} * h.readings,
+               {{sign}} * h.battery_temp_sum
+        FROM {VEHICLE.hourly_all} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_vehicle}""",
+            RAW: f"""
+        SELECT v.vehicle_id, {{sign}} * least(v.kwh_delivered_dc, {CLAMP}), {{sign}},
+               {{sign}} * v.battery_temp
+        FROM {VEHICLE.history} v WHERE v.ts >= {{lo}} AND v.ts < {{hi}} {v_vehicle}""",
+        },
+    )
+    ac_parts = _parts(
+        window,
+        {
+            HOURLY: f"""
+        SELECT h.meter_id, {{sign}} * least(h.kwh_consumed_ac, {CLAMP}), {{sign}} * h.readings, 0
+        FROM {METER.hourly_all} h WHERE h.hour >= {{lo}} AND h.hour < {{hi}} {h_meter}""",
+            RAW: f"""
+        SELECT m.meter_id, {{sign}} * least(m.kwh_consumed_ac, {CLAMP}), {{sign}}, 0
+        FROM {METER.history} m WHERE m.ts >= {{lo}} AND m.ts < {{hi}} {m_meter}""",
+        },
+    )
+    return dc_parts, ac_parts
 
 
 # One row per vehicle: its DC figures and the AC of its meters, a meter once however many of
