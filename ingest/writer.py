@@ -118,6 +118,11 @@ class Writer(Component):
         )
 
     @property
+    def backlogged(self) -> bool:
+        """A whole batch is waiting behind the flushes in flight: a backlog is draining."""
+        return self._pending_weight >= self._flush_max
+
+    @property
     def full(self) -> bool:
         """No room: MQTT stops reading (the broker keeps what it has not delivered)."""
         return self.depth >= self._buffer_max or self._records_waiting >= REJECTIONS_WAITING_MAX

@@ -27,6 +27,7 @@ import httpx
 
 from daemon.services import EmbeddedMosquitto, EmbeddedPostgres, free_port
 from db.partitions import prepare_schema
+from db.tables import REJECTIONS, SESSIONS, STREAMS
 
 RESULTS = Path("bench/results")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -72,10 +73,10 @@ async def reset(dsn: str) -> None:
     """Empty every table, so that each run starts from the same state."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(
-            "TRUNCATE meter_readings, vehicle_readings, meter_latest, vehicle_latest, "
-            "meter_hourly, vehicle_hourly, charging_sessions, rejections"
-        )
+        tables = [
+            name for t in STREAMS.values() for name in (t.history, t.latest, t.hourly, t.deltas)
+        ]
+        await conn.execute(f"TRUNCATE {', '.join([*tables, SESSIONS, REJECTIONS])}")
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()

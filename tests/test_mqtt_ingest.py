@@ -304,3 +304,35 @@ async def test_a_retained_message_is_handled_once_not_at_every_restart(
         assert await count(db, "meter_readings", "meter_id", meter) == 1
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+async def test_the_daemon_folds_what_it_stored_into_the_hourly_rollups(
+    daemon: DaemonProcess, publisher: Publisher, db: asyncpg.Connection
+) -> None:
+    """The flush leaves deltas; the daemon's housekeeping folds them in by itself
+    (ROLLUP_FOLD_S): the roll-ups alone then count every reading, and no delta is left."""
+    meter = new_id("M")
+    publisher.publish_all(
+        [
+            (f"meters/{meter}/telemetry", meter_json(meter, minutes_ago(m), kwh=0.5))
+            for m in (1, 2, 3)
+        ]
+    )
+
+    async def folded() -> bool:
+        rolled = await db.fetchval(
+            "SELECT sum(readings) FROM meter_hourly WHERE meter_id = $1", meter
+        )
+        waiting = await db.fetchval(
+            "SELECT count(*) FROM meter_hour_deltas WHERE meter_id = $1", meter
+        )
+        return bool(rolled == 3 and waiting == 0)
+
+    await eventually(folded, timeout_s=20)
+    assert mqtt_count(daemon, "accepted") >= 3
+    folded_total = [
+        float(line.split()[-1])
+        for line in daemon.get("/metrics").text.splitlines()
+        if line.startswith("energy_ingest_rollup_deltas_folded_total")
+    ]
+    assert folded_total and folded_total[0] >= 1
