@@ -13,7 +13,6 @@ Prints milliseconds per statement for each build: median and p90 (BENCHMARKS.md,
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import shutil
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import asyncpg
+import other_build
 
 import db.analytics as analytics
 from daemon.services import EmbeddedPostgres, free_port
@@ -32,15 +32,6 @@ from simulator.bench_fleet import load_fleet
 from simulator.benchkit import prepare
 
 ROUNDS = 40
-
-
-def other_analytics(tree: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("other_analytics", tree / "db" / "analytics.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["other_analytics"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 async def timed(conn: asyncpg.Connection, module: ModuleType) -> float:
@@ -54,7 +45,7 @@ async def timed(conn: asyncpg.Connection, module: ModuleType) -> float:
 
 
 async def main(tree: Path, devices: int) -> None:
-    builds = {"other": other_analytics(tree), "this": analytics}
+    builds = {"other": other_build.load(tree, "db.analytics"), "this": analytics}
     root = Path(tempfile.mkdtemp(prefix="fleet-ab-"))
     pg = EmbeddedPostgres(root / "postgres", port=free_port())
     dsn = await asyncio.to_thread(pg.start)

@@ -13,7 +13,6 @@ Prints readings/s per build, each round and the median (BENCHMARKS.md, roll-ups 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import shutil
 import statistics
 import sys
@@ -23,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import other_build
 
 import db.writes as writes
 from daemon.services import EmbeddedPostgres, free_port
@@ -32,16 +32,6 @@ from db.writes import FlushBatch, flush_batch
 
 ROUNDS = 4
 DEVICES = 2000
-
-
-def other_flush_sql(tree: Path) -> str:
-    spec = importlib.util.spec_from_file_location("other_writes", tree / "db" / "writes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["other_writes"] = module
-    spec.loader.exec_module(module)
-    sql: str = module.FLUSH_SQL
-    return sql
 
 
 def batches(array: int) -> list[FlushBatch]:
@@ -75,7 +65,7 @@ async def rate(dsn: str, sql: str, work: list[FlushBatch]) -> float:
 
 
 async def main(tree: Path, array: int) -> None:
-    sqls = {"other": other_flush_sql(tree), "this": writes.FLUSH_SQL}
+    sqls = {"other": other_build.load(tree, "db.writes").FLUSH_SQL, "this": writes.FLUSH_SQL}
     root = Path(tempfile.mkdtemp(prefix="flush-ab-"))
     pg = EmbeddedPostgres(root / "postgres", port=free_port())
     dsn = await asyncio.to_thread(pg.start)
