@@ -163,6 +163,7 @@ def _limits(settings: Settings) -> Limits:
         retention=timedelta(days=settings.retention_days),
         future_skew=timedelta(seconds=settings.future_skew_s),
         max_kwh=settings.max_kwh_per_reading,
+        max_items=settings.max_batch_readings,
     )
 
 

@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.readings import (
     LISTED_REJECTIONS,
@@ -15,6 +17,7 @@ from ingest.readings import (
     Stream,
     VehicleReading,
     parse_payload,
+    validate_items,
     validate_reading,
 )
 
@@ -176,15 +179,101 @@ def test_a_timestamp_past_the_calendar_in_utc_is_rejected_not_raised(timestamp: 
 
 
 def test_one_summary_for_a_payload_whatever_it_holds() -> None:
-    payload = orjson.dumps([1] * 200_000 + [meter()])
+    payload = orjson.dumps([1] * 9_999 + [meter()])
     parsed = parse_payload(Stream.METER, payload, now=NOW, limits=WINDOW, expected_id="M-1")
-    assert len(parsed.readings) == 1 and parsed.rejected_count == 200_000
+    assert len(parsed.readings) == 1 and parsed.rejected_count == 9_999
     assert len(parsed.rejected) == LISTED_REJECTIONS  # the first ones, not all
-    assert parsed.reason.startswith("200000 of 200001 readings rejected: reading 0: ")
-    assert parsed.reason.endswith(f"and {200_000 - LISTED_REJECTIONS} more")
+    assert parsed.reason.startswith("9999 of 10000 readings rejected: reading 0: ")
+    assert parsed.reason.endswith(f"and {9_999 - LISTED_REJECTIONS} more")
     assert len(parsed.reason) < 4096
 
 
 def test_a_single_reading_payload_is_summarised_as_its_problems() -> None:
     parsed = parse_payload(Stream.METER, orjson.dumps(meter(voltage=5000)), now=NOW, limits=WINDOW)
     assert parsed.reason == "voltage: Input should be less than or equal to 1000"
+
+
+# Values a field may be sent with: good ones, wrong types, out of range, out of the window.
+_ANY_VALUE = st.one_of(
+    st.sampled_from(
+        [1.25, 0.0, -1.0, 5000.0, 1e9, 55, True, None, "1.25", [], {}, "M-1", "M-2", "V-1"]
+    ),
+    st.sampled_from(
+        [
+            "2026-11-25T11:59:00Z",
+            "2026-11-25T13:59:00+02:00",
+            "2026-11-25T12:30:00Z",  # beyond the future skew
+            "2026-09-01T00:00:00Z",  # older than the retention
+            "2026-11-25T11:59:00",  # no offset
+            "2026-11-25T23:59:60Z",
+            "yesterday",
+        ]
+    ),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+
+
+@st.composite
+def _items(draw: st.DrawFn, stream: Stream) -> list[object]:
+    base = meter if stream is Stream.METER else vehicle
+    fields = list(base())
+    items: list[object] = []
+    for _ in range(draw(st.integers(min_value=1, max_value=12))):
+        kind = draw(st.sampled_from(["good", "changed", "missing", "extra", "not an object"]))
+        body = base()
+        if kind == "changed":
+            body[draw(st.sampled_from(fields))] = draw(_ANY_VALUE)
+        elif kind == "missing":
+            del body[draw(st.sampled_from(fields))]
+        elif kind == "extra":
+            body["other"] = draw(_ANY_VALUE)
+        items.append(body if kind != "not an object" else draw(_ANY_VALUE))
+    return items
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    stream=st.sampled_from(list(Stream)),
+    expected=st.sampled_from([None, "M-1", "V-1"]),
+    keep_all=st.booleans(),
+)
+def test_an_array_is_judged_as_its_items_one_by_one(
+    data: st.DataObject, stream: Stream, expected: str | None, keep_all: bool
+) -> None:
+    """Arrays are validated in one call when every item is well formed: the outcome (readings,
+    their positions, rejections and their reasons) is the same as validating each item alone."""
+    items = data.draw(_items(stream))
+    parsed = validate_items(
+        stream, items, now=NOW, limits=WINDOW, expected_id=expected, keep_all=keep_all
+    )
+    alone = [
+        validate_reading(stream, item, now=NOW, limits=WINDOW, expected_id=expected, index=i)
+        for i, item in enumerate(items)
+    ]
+    assert parsed.readings == [r for r in alone if not isinstance(r, Rejected)]
+    assert parsed.positions == [i for i, r in enumerate(alone) if not isinstance(r, Rejected)]
+    rejected = [r for r in alone if isinstance(r, Rejected)]
+    assert parsed.rejected_count == len(rejected)
+    listed = rejected if keep_all else rejected[:LISTED_REJECTIONS]
+    assert [(r.index, r.reason) for r in parsed.rejected] == [(r.index, r.reason) for r in listed]
+
+
+@settings(max_examples=50, deadline=None)
+@given(cap=st.integers(min_value=1, max_value=30), extra=st.integers(min_value=-3, max_value=30))
+def test_an_array_over_the_cap_is_refused_whole_before_validation(cap: int, extra: int) -> None:
+    """At most `max_items` readings in one array (MAX_BATCH_READINGS): a larger one, even of
+    valid readings, is refused whole with its count; up to the cap each item is judged."""
+    count = max(1, cap + extra)
+    minutes = [f"2026-11-25T{10 + m // 60:02d}:{m % 60:02d}:00Z" for m in range(count)]
+    payload = orjson.dumps([meter(timestamp=ts) for ts in minutes])
+    limits = Limits(retention=WINDOW.retention, future_skew=WINDOW.future_skew, max_items=cap)
+    parsed = parse_payload(Stream.METER, payload, now=NOW, limits=limits, expected_id="M-1")
+    if count <= cap:
+        assert len(parsed.readings) == count and parsed.rejected_count == 0
+    else:
+        assert parsed.readings == [] and parsed.rejected_count == 1
+        assert parsed.reason == (
+            f"{count} readings in one array; at most {cap} (MAX_BATCH_READINGS)"
+        )
