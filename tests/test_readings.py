@@ -194,7 +194,7 @@ def test_a_single_reading_payload_is_summarised_as_its_problems() -> None:
 
 
 # Values a field may be sent with: good ones, wrong types, out of range, out of the window.
-_ANY_VALUE = st.one_of(
+_ANY_VALUE: st.SearchStrategy[object] = st.one_of(
     st.sampled_from(
         [1.25, 0.0, -1.0, 5000.0, 1e9, 55, True, None, "1.25", [], {}, "M-1", "M-2", "V-1"]
     ),
