@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from db.writes import FlushBatch, RejectionRow, Stored, flush_batch
+from db.writes import (
+    FlushBatch,
+    RejectionRow,
+    Stored,
+    flush_batch,
+    microseconds_array,
+    text_array,
+)
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -99,3 +108,45 @@ async def test_the_latest_state_is_what_the_history_took(conn: asyncpg.Connectio
     history = await conn.fetchval("SELECT kwh_consumed_ac FROM meter_readings")
     latest = await conn.fetchval("SELECT kwh_consumed_ac FROM meter_latest")
     assert history == latest == 1.0
+
+
+# Any text PostgreSQL can hold (no NUL, no lone surrogate), "NULL", quotes and backslashes.
+_TEXTS = st.lists(
+    st.one_of(
+        st.text(st.characters(codec="utf-8", exclude_characters="\x00")),
+        st.sampled_from(["NULL", "null", '"', "\\", '\\"', "{", "}", ",", " ", ""]),
+    ),
+    max_size=20,
+)
+# Any instant within the exact range, at the microsecond, in any offset.
+_INSTANTS = st.lists(
+    st.datetimes(
+        min_value=datetime(1690, 1, 1),
+        max_value=datetime(2250, 12, 31),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=-9, minutes=-30))]),
+    ),
+    max_size=20,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(texts=_TEXTS, instants=_INSTANTS)
+async def test_the_flush_literals_carry_every_value_exactly(
+    conn: asyncpg.Connection, texts: list[str], instants: list[datetime]
+) -> None:
+    """Ids and timestamps travel to the flush as array literals (db.writes): PostgreSQL reads
+    back exactly the values written, whatever they hold."""
+    assert await conn.fetchval("SELECT $1::text::text[]", text_array(texts)) == texts
+    stored = await conn.fetchval(
+        "SELECT array(SELECT timestamptz 'epoch' + u * interval '1 microsecond'"
+        " FROM unnest($1::text::int8[]) WITH ORDINALITY AS x(u, n) ORDER BY n)",
+        microseconds_array(instants),
+    )
+    assert stored == instants
+
+
+def test_a_timestamp_past_the_exact_range_is_refused_not_rounded() -> None:
+    with pytest.raises(ValueError, match="cannot be stored"):
+        microseconds_array([datetime(9999, 12, 31, tzinfo=UTC)])
