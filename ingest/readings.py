@@ -285,8 +285,12 @@ class ParsedPayload:
 
 
 def whole_payload(problem: str) -> ParsedPayload:
+    return whole_payload_of(Rejected(None, (Problem("", problem),)))
+
+
+def whole_payload_of(rejected: Rejected) -> ParsedPayload:
     parsed = ParsedPayload()
-    parsed.reject(Rejected(None, (Problem("", problem),)))
+    parsed.reject(rejected)
     return parsed
 
 
@@ -303,6 +307,11 @@ def parse_payload(
         decoded = orjson.loads(payload)
     except orjson.JSONDecodeError as error:
         return whole_payload(f"not valid JSON: {error}")
+    if type(decoded) is dict:  # one reading, the common case: no loop, no positions to find
+        result = validate_reading(stream, decoded, now=now, limits=limits, expected_id=expected_id)
+        if isinstance(result, Rejected):
+            return whole_payload_of(result)
+        return ParsedPayload([result], [0])
     single = not isinstance(decoded, list)
     items: Sequence[Any] = [decoded] if single else decoded
     if not items:
