@@ -58,8 +58,19 @@ def window_of(request: Request, settings: Settings) -> tuple[datetime, datetime]
     return start, end
 
 
+# A day's margin at each end of the calendar: a window's hours and buckets are rounded outwards
+# (past 9999-12-31T23:00 that overflows Python's datetime), and asyncpg sends the calendar's
+# last microsecond as PostgreSQL's `infinity` (a series of buckets that never ended).
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, tzinfo=UTC)
+
+
 def check_window(start: datetime, end: datetime, settings: Settings) -> None:
     """The rules every analytics window keeps, however it came (parameters or a cursor)."""
+    if start < EARLIEST:
+        raise ApiError(400, [problem("startTime", "must be on or after 0001-01-02T00:00:00Z")])
+    if end > LATEST:
+        raise ApiError(400, [problem("endTime", "must be on or before 9999-12-31T00:00:00Z")])
     if start >= end:
         raise ApiError(400, [problem("startTime", "must be before endTime")])
     longest = timedelta(days=settings.analytics_max_window_days)
