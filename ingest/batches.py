@@ -31,7 +31,14 @@ import orjson
 from db.tables import STREAMS
 from db.writes import FlushBatch, Key, RejectionRow, Row, Stored
 from ingest.metrics import Metrics
-from ingest.readings import JSON_NAMES, MeterReading, Reading, Stream, VehicleReading
+from ingest.readings import (
+    JSON_NAMES,
+    LISTED_REJECTIONS,
+    MeterReading,
+    Reading,
+    Stream,
+    VehicleReading,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,7 @@ class Submission:
     _accepted: int = field(init=False, default=0)
     _duplicates: int = field(init=False, default=0)
     _verdicts: list[tuple[str, int, str]] | None = field(init=False, default=None)
+    conflicts_recorded: int = field(init=False, default=0)  # (at most CONFLICT_RECORDS)
     settled: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -132,7 +140,7 @@ class Verdict:
     position: int
     kind: str  # CONFLICT or REFUSED
     reason: str
-    record: RejectionRow
+    record: RejectionRow | None  # (None: a conflict past the ones recorded for its submission)
 
 
 class Piece:
@@ -166,7 +174,9 @@ class Piece:
 
     def records(self) -> list[RejectionRow]:
         own = list(self.submission.rejections) if self.own_records else []
-        return own + [v.record for v in self.verdicts] if self.verdicts else own
+        if not self.verdicts:
+            return own
+        return own + [v.record for v in self.verdicts if v.record is not None]
 
     def units(self) -> int:
         """Outcomes it can settle: its readings, its own records (one), its verdicts."""
@@ -250,7 +260,8 @@ def batch_of(pieces: Sequence[Piece]) -> Batch:
         if piece.own_records and submission.rejections:
             rows.rejections.extend(submission.rejections)
         for verdict in piece.verdicts:
-            rows.rejections.append(verdict.record)
+            if verdict.record is not None:
+                rows.rejections.append(verdict.record)
     return Batch(rows, pieces)
 
 
@@ -334,8 +345,24 @@ def conflict_piece(piece: Piece, position: int, stored_values: tuple[Any, ...]) 
         f"{reading.timestamp.isoformat()} is already stored with {theirs}; this reading has "
         f"{mine} (the first stored stands)"
     )
-    verdict = Verdict(position, CONFLICT, reason, record_of(submission, reading, reason))
+    # A record for each of the first CONFLICT_RECORDS conflicts of a message or request, not
+    # one for each of its readings: 10,000 conflicting readings a request would otherwise
+    # push every other record out of the bounded table within seconds.
+    record = None
+    if submission.conflicts_recorded < CONFLICT_RECORDS:
+        submission.conflicts_recorded += 1
+        last = submission.conflicts_recorded == CONFLICT_RECORDS
+        record = record_of(submission, reading, reason + (MORE_CONFLICTS if last else ""))
+    verdict = Verdict(position, CONFLICT, reason, record)
     return Piece(submission, (), False, (verdict,))
+
+
+CONFLICT_RECORDS = LISTED_REJECTIONS
+MORE_CONFLICTS = (
+    f" [the first {CONFLICT_RECORDS} conflicts of a message or request are recorded; any "
+    f'further ones are counted in energy_ingest_readings_total{{outcome="conflict"}}, and an '
+    f"HTTP answer lists them all]"
+)
 
 
 def refusal_piece(piece: Piece, position: int, detail: str) -> Piece:

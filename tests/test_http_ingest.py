@@ -306,3 +306,24 @@ def test_a_leap_second_is_refused_in_words(daemon: DaemonProcess) -> None:
     assert answer.status_code == 422
     message = answer.json()["detail"][0]["message"]
     assert "leap second" in message and "23:59:59.999999" in message
+
+
+async def test_a_request_of_many_conflicts_records_twenty_and_answers_all(
+    daemon: DaemonProcess, db: asyncpg.Connection
+) -> None:
+    """One record for each of the first 20 conflicts of a request, every conflict answered
+    and counted: a request of 10,000 conflicting readings once pushed every other record out
+    of the bounded rejections table."""
+    meter = new_id("CM")
+    readings = [meter_body(meter, minutes=n / 60) for n in range(60)]
+    assert post(daemon, "/v1/ingestion/meter/batch", {"readings": readings}).status_code == 201
+    others = [{**r, "kwhConsumedAc": 9.75} for r in readings]
+    answer = post(daemon, "/v1/ingestion/meter/batch", {"readings": others}).json()
+    assert answer["conflicts"] == 60 and len(answer["rejections"]) == 60, answer
+    recorded = await db.fetch(
+        "SELECT reason FROM rejections WHERE reason LIKE 'conflict:%' AND payload LIKE $1"
+        " ORDER BY id",
+        f"%{meter}%",
+    )
+    assert len(recorded) == 20
+    assert "the first 20 conflicts of a message or request are recorded" in recorded[-1]["reason"]

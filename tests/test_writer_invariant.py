@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+import ingest.batches as batches
 from db.errors import DataFailure, PersistentFailure, TransientFailure
 from db.writes import FlushBatch, Key, RejectionRow, Stored
 from ingest.batches import Outcome, Submission
@@ -98,6 +99,8 @@ def reading(meter: int, moment: int, kwh: int, bad: bool) -> MeterReading:
 class WriterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        # One conflict of a submission recorded, the rest only counted (20 in the daemon).
+        self.conflict_records, batches.CONFLICT_RECORDS = batches.CONFLICT_RECORDS, 1
         self.loop = asyncio.new_event_loop()
         self.db = MemoryDatabase()
         self.writer = Writer(
@@ -111,6 +114,7 @@ class WriterMachine(RuleBasedStateMachine):
         self.task = self.loop.create_task(self.writer.run())
         self.submitted: list[Submission] = []
         self.settled: dict[int, Outcome] = {}
+        self.broken: list[AssertionError] = []
         self.serial = itertools.count()
 
     # -- what happens ------------------------------------------------------------------------
@@ -176,10 +180,19 @@ class WriterMachine(RuleBasedStateMachine):
         return RejectionRow(BASE, "mqtt", "meters/m/telemetry", "{}", reason)
 
     def on_settled(self, n: int, outcome: Outcome) -> None:
-        assert n not in self.settled, f"submission {n} settled twice"
-        self.settled[n] = outcome
-        submission = self.submitted[n]
-        self.assert_committed(submission, outcome)
+        # (The writer logs and swallows a failing callback's exception, as it must for a
+        # caller's: what this one finds is kept, and failed by an invariant.)
+        try:
+            assert n not in self.settled, f"submission {n} settled twice"
+            self.settled[n] = outcome
+            self.assert_committed(self.submitted[n], outcome)
+        except AssertionError as error:
+            self.broken.append(error)
+            raise
+
+    @invariant()
+    def every_settlement_kept_the_rules(self) -> None:
+        assert not self.broken, self.broken[0]
 
     def assert_committed(self, submission: Submission, outcome: Outcome) -> None:
         """At its settlement, everything a submission's outcome says is in the database."""
@@ -199,9 +212,16 @@ class WriterMachine(RuleBasedStateMachine):
                 assert db.history.get(key) != values, "refused, and stored"
             elif position in conflicts:
                 assert key in db.history and db.history[key] != values
-                assert conflicts[position] in reasons, "a conflict settled before its record"
             else:
                 assert db.history.get(key) == values, "settled before its reading was stored"
+        # Its conflicts recorded before it settles: CONFLICT_RECORDS of them at most.
+        recorded = [
+            record.reason
+            for record in db.records
+            if record.topic_or_route == submission.origin and record.reason.startswith("conflict")
+        ]
+        assert len(recorded) == min(len(conflicts), batches.CONFLICT_RECORDS), recorded
+        assert all(any(x.startswith(r) for r in conflicts.values()) for x in recorded)
         kinds = outcome.accepted + outcome.duplicates + len(conflicts) + len(refused)
         assert kinds == len(submission.readings)
 
@@ -239,6 +259,7 @@ class WriterMachine(RuleBasedStateMachine):
             assert not unsettled, (unsettled, self.writer.depth, len(self.writer.flusher.held))
             assert self.writer.depth == 0 and not self.writer.flusher.held
         finally:
+            batches.CONFLICT_RECORDS = self.conflict_records
             self.writer.stop()
             self.loop.run_until_complete(asyncio.wait_for(self.task, 10))
             self.loop.close()
