@@ -1,7 +1,8 @@
 """Size limits that agree end to end (mosquitto.conf, "Size limits"): whatever the shipped
 broker accepts from a device, the daemon receives and stores or records; whatever is larger,
-the broker refuses to the publisher. Real Mosquitto (the shipped configuration), real
-daemon; a raw MQTT 5 publisher, so that packets can carry any user properties."""
+the broker refuses to the publisher, whatever its protocol. Real Mosquitto (the shipped
+configuration), real daemon; raw MQTT 5 and MQTT 3.1.1 publishers, so that packets can carry
+any user properties and no client library refuses them first."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from daemon.services import EmbeddedMosquitto
 from tests.helpers import eventually, iso, minutes_ago
 from tests.services import DaemonProcess
 
-PAYLOAD_LIMIT = 4 * 1024 * 1024  # message_size_limit
-PACKET_LIMIT = PAYLOAD_LIMIT + 16 * 1024  # max_packet_size
+PAYLOAD_LIMIT = 4 * 1024 * 1024  # what the packet's room is meant for
+PACKET_LIMIT = PAYLOAD_LIMIT + 16 * 1024  # max_packet_size: the one limit
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,37 @@ def publish_once(
                     return "disconnect", answer.reason_code.value
 
 
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def publish_once_v311(port: int, topic: str, payload: bytes) -> tuple[str, int]:
+    """One QoS 1 PUBLISH from an MQTT 3.1.1 client: ("puback", 0) or ("closed", 0)."""
+    client = f"limits3-{uuid.uuid4().hex[:8]}"
+    connect = b"\x00\x04MQTT\x04\x02\x00\x3c" + _string(client)  # clean session, 60 s
+    body = _string(topic) + b"\x00\x01" + payload  # packet id 1
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"\x10" + _remaining_length(len(connect)) + connect)
+        if sock.recv(4)[:1] != b"\x20":
+            return "closed", 0
+        try:
+            sock.sendall(b"\x32" + _remaining_length(len(body)) + body)
+            answer = sock.recv(4)
+        except OSError:
+            return "closed", 0
+        return ("puback", 0) if answer[:1] == b"\x40" else ("closed", 0)
+
+
 def reading(meter: str, *, size: int = 0) -> bytes:
     body = orjson.dumps(
         {"meterId": meter, "kwhConsumedAc": 0.5, "voltage": 230.0, "timestamp": iso(minutes_ago(1))}
@@ -132,8 +164,8 @@ async def test_what_the_broker_accepts_the_daemon_stores(
 @pytest.mark.parametrize(
     ("payload_bytes", "property_bytes"),
     [
-        (PAYLOAD_LIMIT + 1, 0),  # message_size_limit
-        (PAYLOAD_LIMIT - 10_000, 30_000),  # max_packet_size: user properties count in it
+        (PACKET_LIMIT, 0),  # max_packet_size: the payload alone past it
+        (PAYLOAD_LIMIT - 10_000, 30_000),  # user properties count in it
         (PAYLOAD_LIMIT - 1000, 100_000),
     ],
 )
@@ -159,3 +191,32 @@ async def test_what_is_larger_is_refused_to_the_publisher(
     # limit), or the publisher disconnected: never a PUBACK of success.
     assert (kind == "puback" and reason >= 0x80) or kind in ("disconnect", "closed"), answer
     assert await stored(module_db, meter) == 0
+
+
+@pytest.mark.parametrize(
+    ("payload_bytes", "heard"),
+    [
+        (PAYLOAD_LIMIT + 1, ("puback", 0)),  # within the packet's room: stored
+        (PACKET_LIMIT, ("closed", 0)),  # past it: disconnected, never acknowledged
+    ],
+)
+async def test_an_mqtt_3_publisher_is_never_acknowledged_for_what_is_dropped(
+    receiving: DaemonProcess,
+    mosquitto: EmbeddedMosquitto,
+    module_db: str,
+    payload_bytes: int,
+    heard: tuple[str, int],
+) -> None:
+    """MQTT 3.1.1 has no reason codes: over Mosquitto's `message_size_limit` a publisher got
+    a PUBACK of success for a message the broker dropped. The shipped broker has one limit,
+    the packet's, and disconnects a client past it: acknowledged means stored."""
+    meter = f"V3-{uuid.uuid4().hex[:8]}"
+    topic = f"meters/{meter}/telemetry"
+    answer = publish_once_v311(mosquitto.port, topic, reading(meter, size=payload_bytes))
+    assert answer == heard, answer
+    expected = 1 if heard[0] == "puback" else 0
+
+    async def settled() -> bool:
+        return await stored(module_db, meter) == expected
+
+    await eventually(settled, timeout_s=30)
