@@ -104,18 +104,19 @@ class _CoalescingTransport:
 
     def write(self, data: bytes) -> None:
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush)
         self._pending.append(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
-            if not self._transport.is_closing():
+            ended = self._protocol is not None and self._protocol.lingering  # (write_eof)
+            if not ended and not self._transport.is_closing():
                 self._transport.write(data)
 
     def close(self) -> None:
-        self._flush()  # what was written goes out before the connection closes
+        self.flush()  # what was written goes out before the connection closes
         if self._protocol is not None and self._protocol.linger():
             return
         self._transport.close()
@@ -217,10 +218,16 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _refuse(self) -> None:
         """Answer the refusal once, then close: lingering, so that a client still writing
-        its head reads the answer rather than a reset."""
+        its head reads the answer rather than a reset. Requests before it on the connection
+        (pipelined) are answered first, in order: the refusal waits for their answers."""
         raw = self._raw
         if raw is None or raw.is_closing() or self.lingering:
             return
+        if self._answers_owed():
+            self.flow.pause_reading()  # (nothing more is read: the connection ends after)
+            return  # on_response_complete comes back here
+        if isinstance(self.transport, _CoalescingTransport):
+            self.transport.flush()  # the last answer's bytes before the refusal's
         details = {
             URI_TOO_LONG: f"request line longer than {self.limits.max_request_line_bytes} "
             "bytes (HTTP_MAX_REQUEST_LINE_BYTES)",
@@ -283,8 +290,14 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self._refusal is not None:
+            self._refuse()  # (waiting for this answer, and any pipelined before it)
+        elif not self.transport.is_closing():
             self.limits.idle[self] = None  # (moved to the end: the newest idle)
+
+    def _answers_owed(self) -> bool:
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
 
     # -- timeouts -----------------------------------------------------------------------
 

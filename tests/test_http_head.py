@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.services import EmbeddedMosquitto
+from tests.helpers import meter_json, minutes_ago
 from tests.services import DaemonProcess
 
 LINE, HEADER_BYTES, HEADERS = 1024, 4096, 20
@@ -174,3 +176,55 @@ def test_any_head_gets_the_answer_its_size_calls_for(
         assert status_of(answer) == 431
     else:
         assert status_of(answer) in (200, 503), answer[:200]  # /health: the application's
+
+
+def _answers(data: bytes) -> list[int]:
+    """The status of each answer in a stream of HTTP/1.1 answers with content-length."""
+    statuses = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        statuses.append(int(head[9:12]))
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        data = rest[length:]
+    return statuses
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    count=st.integers(1, 4),
+    tail=st.sampled_from(
+        [b"GARBAGE\r\n\r\n", b"\x00\x01 nonsense\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n"]
+    ),
+    short_by=st.sampled_from([0, 5]),
+)
+def test_pipelined_requests_before_a_malformed_one_are_answered_first(
+    bounded: DaemonProcess, count: int, tail: bytes, short_by: int
+) -> None:
+    """Requests pipelined before a head the parser refuses get their answers, in order, then
+    the `400`, then the connection closes: the refusal once went out first and the earlier
+    answers never (written after the end of the stream: a traceback each). With a body
+    shorter than its content-length says, the rest is parsed as the next head."""
+    meters = [f"PL-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    requests = b""
+    for meter in meters:
+        body = meter_json(meter, minutes_ago(1))
+        requests += (
+            b"POST /v1/ingestion/meter HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body) - short_by, body)
+        )
+    answer, _ = exchange(bounded.http_port, iter([requests + tail]))
+    statuses = _answers(answer)
+    assert statuses[-1] == 400 and len(statuses) >= 2, statuses
+    if short_by == 0:
+        assert statuses == [201] * count + [400], statuses
+    else:  # the first body cut short (its JSON malformed), its rest the malformed next head
+        assert statuses == [400, 400], statuses
+    assert b"Cannot call write" not in bounded.log().encode()
