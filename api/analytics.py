@@ -24,6 +24,8 @@ RATIO_DECIMALS = 4
 def instant(raw: str, name: str) -> datetime:
     # A '+' of an offset arrives as a space when the client did not URL-encode it.
     text = raw.strip().replace(" ", "+")
+    if text[-1:] == "z":  # RFC 3339 allows "z" (Python 3.11 takes only "Z")
+        text = text[:-1] + "Z"
     try:
         value = datetime.fromisoformat(text)
     except ValueError:

@@ -37,6 +37,7 @@ class MqttIntake:
         self._limits = limits
         self._payload_max_bytes = payload_max_bytes
         self._failures_logged: set[type[BaseException]] = set()
+        self._left_to_broker = 0
 
     def __call__(self, delivery: Delivery) -> None:
         now = datetime.now(UTC)
@@ -48,7 +49,9 @@ class MqttIntake:
             self._writer.submit(submission)
         except Overloaded:
             # Not acked: the broker keeps it and delivers it again after the restart.
-            log.info("shutting down; %s left to the broker", delivery.topic)
+            self._left_to_broker += 1
+            if self._left_to_broker == 1:  # (once, not a line a message)
+                log.info("shutting down: messages arriving now are left to the broker")
 
     def has_room(self) -> bool:
         return not self._writer.full

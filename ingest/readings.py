@@ -67,6 +67,8 @@ def _timestamp_in_utc(value: object) -> object:
         try:
             value = datetime.fromisoformat(text)
         except ValueError:
+            if text[-1:] == "z":  # RFC 3339 allows "z" (Python 3.11 takes only "Z")
+                return _timestamp_in_utc(text[:-1] + "Z")
             hint = LEAP_SECOND_HINT if _LEAP_SECOND.search(text) else ISO_HINT
             raise ValueError(hint) from None
     if not isinstance(value, datetime):

@@ -73,6 +73,16 @@ def test_valid_vehicle_reading_with_offset_timestamp() -> None:
 
 
 @pytest.mark.parametrize(
+    "timestamp",
+    ["2026-11-25t11:59:00z", "2026-11-25T11:59:00z", "2026-11-25t11:59:00Z", "2026-11-25T11:59Z"],
+)
+def test_rfc_3339_lower_case_t_and_z_are_the_same_moment(timestamp: str) -> None:
+    reading = check(Stream.METER, meter(timestamp=timestamp))
+    assert isinstance(reading, MeterReading), reading
+    assert reading.timestamp == datetime(2026, 11, 25, 11, 59, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
     ("changes", "field"),
     [
         ({"kwhConsumedAc": -0.1}, "kwhConsumedAc"),
