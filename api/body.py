@@ -57,7 +57,9 @@ async def read_json(request: Request, *, max_bytes: int) -> JsonBody:
             raise ApiError(400, [problem("", "Content-Length is not a number")])
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    # (Two Content-Encoding headers are one list: "gzip" twice is "gzip, gzip", refused.)
+    encoding = ", ".join(request.headers.getlist("content-encoding")).strip().lower()
+    encoding = encoding or "identity"
     if encoding == "gzip":
         body = await _gunzipped(request, max_bytes)
     elif encoding in ("identity", ""):
@@ -85,9 +87,15 @@ async def _read(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _member() -> Any:
+    return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # a gzip header and trailer
+
+
 async def _gunzipped(request: Request, max_bytes: int) -> bytes:
-    """Decompressed as it arrives, never past `max_bytes` of output."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # a gzip header and trailer
+    """Decompressed as it arrives, never past `max_bytes` of output. Members one after the
+    other (RFC 1952, as `gzip -c a b` writes them) are one body, as `gunzip` reads them;
+    anything after a member that is not another is 400."""
+    inflater = _member()
     chunks: list[bytes] = []
     size = received = 0
     try:
@@ -97,12 +105,14 @@ async def _gunzipped(request: Request, max_bytes: int) -> bytes:
                 raise _too_large(max_bytes)
             data = chunk
             while data:
+                if inflater.eof:  # a member ended: what follows is the next one
+                    inflater = _member()
                 out = inflater.decompress(data, max_bytes + 1 - size)
                 size += len(out)
                 if size > max_bytes:
                     raise _too_large(max_bytes, decompressed=True)
                 chunks.append(out)
-                data = inflater.unconsumed_tail
+                data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
         chunks.append(inflater.flush())
     except zlib.error as error:
         raise ApiError(400, [problem("", f"the body is not valid gzip: {error}")]) from None

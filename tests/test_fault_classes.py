@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import logging
 import subprocess
 import sys
@@ -165,6 +166,47 @@ async def test_gzip_bodies_within_the_limit_decompressed_other_encodings_refused
     assert answer.status_code == status, answer.text
     if status == 413:
         assert "decompressed" in answer.text and "MAX_BODY_BYTES" in answer.text
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(cuts=st.lists(st.integers(0, 200), max_size=4), tail=st.sampled_from([b"", b"x", b"\0"]))
+async def test_a_gzip_body_of_several_members_is_one_body(
+    app: App, cuts: list[int], tail: bytes
+) -> None:
+    """Members one after the other (RFC 1952; `gzip -c a b`) decompress to one body, as
+    gunzip reads them; bytes after a member that are not another are 400. Only the first
+    member was read once: a batch split across two got "unexpected end of data", and
+    anything after the first member was silently ignored."""
+    body = meter_json(f"GZM-{uuid.uuid4().hex[:8]}", minutes_ago(1))
+    edges = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})
+    members = b"".join(gzip.compress(body[a:b]) for a, b in itertools.pairwise(edges))
+    async with client(app) as http:
+        answer = await http.post(
+            "/v1/ingestion/meter",
+            content=members + tail,
+            headers={"Content-Encoding": "gzip", "Authorization": f"Bearer {INGEST_KEY}"},
+        )
+    assert answer.status_code == (201 if not tail else 400), answer.text
+
+
+async def test_two_content_encoding_headers_are_one_list(app: App) -> None:
+    """`Content-Encoding: gzip` twice is "gzip, gzip" (RFC 9110 §5.3), refused as such."""
+    body = gzip.compress(gzip.compress(meter_json("GZ-2H", minutes_ago(1))))
+    async with client(app) as http:
+        answer = await http.post(
+            "/v1/ingestion/meter",
+            content=body,
+            headers=[
+                ("Content-Encoding", "gzip"),
+                ("Content-Encoding", "gzip"),
+                ("Authorization", f"Bearer {INGEST_KEY}"),
+            ],
+        )
+    assert answer.status_code == 415, answer.text
 
 
 async def test_rejection_records_waiting_for_the_database_are_bounded() -> None:
