@@ -223,7 +223,14 @@ class HttpProtocol(HttpToolsProtocol):
         raw = self._raw
         if raw is None or raw.is_closing() or self.lingering:
             return
-        if self._answers_owed():
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body:
+            # The refused bytes are this request's own body (a chunk size the parser
+            # refuses): it never completes, so it is answered now, and the application
+            # stops waiting for the rest (what it writes after is dropped).
+            cycle.disconnected = True
+            cycle.message_event.set()
+        elif self._answers_owed():
             self.flow.pause_reading()  # (nothing more is read: the connection ends after)
             return  # on_response_complete comes back here
         if isinstance(self.transport, _CoalescingTransport):

@@ -11,9 +11,11 @@ daemon's buffer is full: PUBLISH packets then wait here, in arrival order, and o
 `BACKLOG_MAX_MESSAGES` or `BACKLOG_MAX_BYTES` of them does the connection stop reading the
 socket (a CONNACK, first on a connection, is always read).
 
-At most DELIVER_PER_TURN messages are handed over in one turn of the event loop; the rest
-wait here, in order, for the next turn: a chunk of a stored backlog (a thousand messages in
-one read) never holds the loop that HTTP and the flushes' acknowledgements share.
+At most DELIVER_PER_TURN messages, and no more than DELIVER_BUDGET_S of handing over, in one
+turn of the event loop; the rest wait here, in order, for the next turn: a chunk of a stored
+backlog (a thousand messages in one read), or a burst of messages costly to validate (a
+hundred arrays of 10,000 invalid objects once held the loop for 6 s), never holds the loop
+that HTTP and the flushes' acknowledgements share for longer than the budget and one message.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ BACKLOG_MAX_BYTES = 8 * 1024 * 1024
 V311_CONNACK_HEADER = b"\x20\x02"
 # About 5 ms of the loop's time (BENCHMARKS.md, operators).
 DELIVER_PER_TURN = 256
+DELIVER_BUDGET_S = 0.010  # (half the event loop's 20 ms budget)
 
 
 class BrokerTooOld(Exception):
@@ -99,6 +102,7 @@ class Connection(asyncio.Protocol):
         self._backlog: deque[mqtt5.PublishPacket] = deque()
         self._backlog_bytes = 0
         self._delivered_this_turn = 0
+        self._turn_ends = 0.0
         self._hand_over_scheduled = False
         self._outgoing: list[bytes] = []
 
@@ -111,6 +115,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_heard = time.monotonic()
         self._delivered_this_turn = 0
+        self._turn_ends = time.perf_counter() + DELIVER_BUDGET_S
         self._buffer += data
         if not self.connack.done() and self._buffer.startswith(V311_CONNACK_HEADER):
             if len(self._buffer) >= 4:
@@ -163,7 +168,10 @@ class Connection(asyncio.Protocol):
         if isinstance(packet, mqtt5.PublishPacket):
             if self.owner.paused or self._backlog:
                 self._hold(packet)
-            elif self._delivered_this_turn >= DELIVER_PER_TURN:
+            elif (
+                self._delivered_this_turn >= DELIVER_PER_TURN
+                or time.perf_counter() > self._turn_ends
+            ):
                 self._hold(packet)
                 self._hand_over_soon()
             else:
@@ -219,12 +227,13 @@ class Connection(asyncio.Protocol):
         self.hand_over_backlog()
 
     def hand_over_backlog(self) -> None:
-        """Deliver held messages (at most DELIVER_PER_TURN now, the rest in the next turns)
-        until the owner pauses again; read more once they fit."""
+        """Deliver held messages (at most DELIVER_PER_TURN or DELIVER_BUDGET_S now, the rest
+        in the next turns) until the owner pauses again; read more once they fit."""
         backlog = self._backlog
         handed = 0
+        ends = time.perf_counter() + DELIVER_BUDGET_S
         while backlog and not self.owner.paused and not self.closing:
-            if handed >= DELIVER_PER_TURN:
+            if handed >= DELIVER_PER_TURN or (handed and time.perf_counter() > ends):
                 self._hand_over_soon()
                 break
             packet = backlog.popleft()

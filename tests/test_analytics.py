@@ -156,6 +156,7 @@ def test_no_ac_energy_gives_a_null_ratio_and_no_alert(daemon: DaemonProcess) -> 
         ({"startTime": "2025-01-01T00:00:00Z", "endTime": "2026-01-01T00:00:00Z"}, "endTime"),
         ({"startTime": "yesterday"}, "startTime"),
         ({"endTime": "2026-01-01T00:00:00"}, "endTime"),
+        ({"startTime": "2026-01-01T00:00:00Z\x00garbage"}, "startTime"),  # (read to the NUL)
     ],
 )
 def test_bad_windows_are_400_naming_the_parameter(

@@ -228,3 +228,20 @@ def test_pipelined_requests_before_a_malformed_one_are_answered_first(
     else:  # the first body cut short (its JSON malformed), its rest the malformed next head
         assert statuses == [400, 400], statuses
     assert b"Cannot call write" not in bounded.log().encode()
+
+
+@pytest.mark.parametrize("size", [b"ZZ", b"-1", b"1 2"])
+def test_a_chunk_size_the_parser_refuses_is_400_at_once(
+    bounded: DaemonProcess, size: bytes
+) -> None:
+    """A malformed chunk size is the request's own body: it never completes, so nothing was
+    answered until the body timeout gave a 408, 60 s later."""
+    request = (
+        b"POST /v1/ingestion/meter HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+        b"content-type: application/json\r\n\r\n" + size + b"\r\nxx\r\n0\r\n\r\n"
+    )
+    started = time.monotonic()
+    answer, _ = exchange(bounded.http_port, iter([request]), timeout_s=20)
+    assert _answers(answer) == [400], answer
+    assert time.monotonic() - started < 5
+    assert "Traceback" not in bounded.log()

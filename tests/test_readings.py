@@ -74,6 +74,15 @@ def test_valid_vehicle_reading_with_offset_timestamp() -> None:
 
 @pytest.mark.parametrize(
     "timestamp",
+    ["2026-11-25T11:59:00Z\x00<script>", "2026-11-25T11:59:00\x00Z", "\x002026-11-25T11:59:00Z"],
+)
+def test_a_timestamp_holding_a_nul_is_refused_not_read_up_to_it(timestamp: str) -> None:
+    """Python 3.11's fromisoformat stops reading at a NUL: what followed was ignored."""
+    assert fields_at_fault(check(Stream.METER, meter(timestamp=timestamp))) == {"timestamp"}
+
+
+@pytest.mark.parametrize(
+    "timestamp",
     ["2026-11-25t11:59:00z", "2026-11-25T11:59:00z", "2026-11-25t11:59:00Z", "2026-11-25T11:59Z"],
 )
 def test_rfc_3339_lower_case_t_and_z_are_the_same_moment(timestamp: str) -> None:
