@@ -235,14 +235,16 @@ def validate_reading(
     limits: Limits,
     expected_id: str | None = None,
     index: int | None = None,
+    explain: bool = True,
 ) -> Reading | Rejected:
-    """Validate one decoded JSON value as a reading of `stream`."""
+    """Validate one decoded JSON value as a reading of `stream` (with `explain=False`, a
+    rejection without its problems: one that will not be listed, told apart for less)."""
     if not isinstance(data, dict):
         return Rejected(index, (Problem("", "a reading must be a JSON object"),))
     try:
         reading = MODELS[stream].model_validate(data)
     except ValidationError as error:
-        return Rejected(index, _problems(error))
+        return Rejected(index, _problems(error) if explain else ())
     beyond = _beyond(reading, now=now, limits=limits, expected_id=expected_id)
     return reading if beyond is None else Rejected(index, (beyond,))
 
@@ -368,6 +370,9 @@ def validate_items(
             limits=limits,
             expected_id=expected_id,
             index=position if indexed else None,
+            # (Past the listed ones a rejection is only counted: its problems, three
+            # quarters of its cost, are not written out.)
+            explain=keep_all or len(parsed.rejected) < LISTED_REJECTIONS,
         )
         if isinstance(result, Rejected):
             parsed.reject(result)
