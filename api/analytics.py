@@ -15,7 +15,7 @@ from api.state import reads_of, runtime_of
 from db import analytics
 from db.windows import Piece, pieces
 from ingest.config import Settings
-from ingest.readings import OUT_OF_CALENDAR, is_device_id
+from ingest.readings import OUT_OF_CALENDAR, from_iso, is_device_id
 
 KWH_DECIMALS = 6
 RATIO_DECIMALS = 4
@@ -24,12 +24,8 @@ RATIO_DECIMALS = 4
 def instant(raw: str, name: str) -> datetime:
     # A '+' of an offset arrives as a space when the client did not URL-encode it.
     text = raw.strip().replace(" ", "+")
-    if text[-1:] == "z":  # RFC 3339 allows "z" (Python 3.11 takes only "Z")
-        text = text[:-1] + "Z"
     try:
-        if "\x00" in text:  # (Python 3.11's fromisoformat stops reading at a NUL)
-            raise ValueError(text)
-        value = datetime.fromisoformat(text)
+        value = from_iso(text)
     except ValueError:
         raise ApiError(
             400, [problem(name, "must be ISO 8601, e.g. 2026-01-01T00:00:00Z")]

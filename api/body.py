@@ -62,7 +62,7 @@ async def read_json(request: Request, *, max_bytes: int) -> JsonBody:
     encoding = encoding or "identity"
     if encoding == "gzip":
         body = await _gunzipped(request, max_bytes)
-    elif encoding in ("identity", ""):
+    elif encoding == "identity":
         body = await _read(request, max_bytes)
     else:
         raise ApiError(

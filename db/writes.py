@@ -49,24 +49,71 @@ _HOURLY = {
 }
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+# `interval '1 microsecond'` times an int8 multiplies as float8: exact below 2^53 us, years
+# 1685 to 2255. A reading is refused far inside that (retention, future skew).
+EXACT_US = 2**53
+
+
+def text_array(values: Sequence[str]) -> str:
+    """An array literal of these strings, each quoted (so "NULL" stays a string)."""
+    if not values:
+        return "{}"
+    body = '","'.join(values)
+    if "\\" in body or body.count('"') != 2 * (len(values) - 1):  # a quote or a backslash
+        body = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return '{"' + body + '"}'
+
+
+def microseconds_array(values: Sequence[datetime]) -> str:
+    """An array literal of these aware datetimes as microseconds since the epoch."""
+    us: list[int] = []
+    previous, last = None, 0
+    for t in values:
+        if t is not previous:  # (a message's readings share one received_at: once for all)
+            previous, last = t, (t - EPOCH) // MICROSECOND
+        us.append(last)
+    if us and not -EXACT_US < min(us) <= max(us) < EXACT_US:
+        raise ValueError(f"a timestamp beyond {EXACT_US} us from the epoch cannot be stored")
+    return "{" + ",".join(map(str, us)) + "}"
+
+
 # How each column travels. asyncpg encodes an array element by element, with isinstance
 # checks against the collections ABCs for each: for 2,000 rows, 0.6 ms of the daemon's CPU for
-# the ids and 1.6 ms for each column of timestamps, against 0.03 and 0.3 ms to write them as
-# one array literal that PostgreSQL parses (BENCHMARKS.md, mqtt-drain): ids quoted, timestamps
-# as whole microseconds since the epoch. Floats stay with asyncpg (`repr` is no cheaper).
-_PARAM = {"text": "${n}::text::text[]", "timestamptz": "${n}::text::int8[]"}
-_VALUE = {"timestamptz": "timestamptz 'epoch' + b.{c} * interval '1 microsecond' AS {c}"}
+# the ids and 1.6 ms for each column of timestamps, against 0.02 and 0.67 ms (0.27 when a
+# message's readings share their `received_at`) to write them as one array literal that
+# PostgreSQL parses (BENCHMARKS.md, mqtt-drain): ids quoted, timestamps as whole microseconds
+# since the epoch. Floats stay with asyncpg (`repr` is no cheaper).
+@dataclass(frozen=True, slots=True)
+class _Literal:
+    """A column sent as one array literal: its parameter, its value in the batch, the text."""
+
+    param: str  # (formatted with n, the parameter's number)
+    value: str  # (formatted with c, the column's name)
+    encode: Callable[[Any], str]
+
+
+_LITERALS = {
+    "text": _Literal("${n}::text::text[]", "b.{c}", text_array),
+    "timestamptz": _Literal(
+        "${n}::text::int8[]",
+        "timestamptz 'epoch' + b.{c} * interval '1 microsecond' AS {c}",
+        microseconds_array,
+    ),
+}
 
 
 def _stream_sql(t: StreamTables, first: int) -> tuple[str, str]:
     """The CTEs writing one stream (parameters from `$first`), and what it returns."""
     s, cols = t.stream, ", ".join(t.columns)
     params = ", ".join(
-        _PARAM.get(typ, "${n}::" + typ + "[]").format(n=n)
+        _LITERALS[typ].param.format(n=n) if typ in _LITERALS else f"${n}::{typ}[]"
         for n, typ in enumerate(t.types, start=first)
     )
     exprs = ", ".join(
-        _VALUE.get(typ, "b.{c}").format(c=c) for c, typ in zip(t.columns, t.types, strict=True)
+        _LITERALS[typ].value.format(c=c) if typ in _LITERALS else f"b.{c}"
+        for c, typ in zip(t.columns, t.types, strict=True)
     )
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in t.columns[1:])
     ctes = f"""
@@ -196,7 +243,7 @@ async def flush_batch(conn: asyncpg.Connection, batch: FlushBatch) -> dict[str, 
     args: list[Any] = []
     for name, t in STREAMS.items():
         for column, typ in zip(_columns(batch.rows[name], len(t.columns)), t.types, strict=True):
-            args.append(_LITERAL[typ](column) if typ in _LITERAL else column)
+            args.append(_LITERALS[typ].encode(column) if typ in _LITERALS else column)
     args.extend(_columns([_rejection_row(r) for r in batch.rejections], len(REJECTION_COLUMNS)))
     record = await conn.fetchrow(FLUSH_SQL, *args)
     stored: dict[str, Stored] = {}
@@ -228,39 +275,6 @@ async def stored_values(
     ids, tss = zip(*keys, strict=True) if keys else ((), ())
     records = await conn.fetch(STORED_VALUES[stream], list(ids), list(tss))
     return {(r[0], r[1]): tuple(r[2:]) for r in records}
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MICROSECOND = timedelta(microseconds=1)
-# `interval '1 microsecond'` times an int8 multiplies as float8: exact below 2^53 us, years
-# 1685 to 2255. A reading is refused far inside that (retention, future skew).
-EXACT_US = 2**53
-
-
-def text_array(values: Sequence[str]) -> str:
-    """An array literal of these strings, each quoted (so "NULL" stays a string)."""
-    if not values:
-        return "{}"
-    body = '","'.join(values)
-    if "\\" in body or body.count('"') != 2 * (len(values) - 1):  # a quote or a backslash
-        body = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
-    return '{"' + body + '"}'
-
-
-def microseconds_array(values: Sequence[datetime]) -> str:
-    """An array literal of these aware datetimes as microseconds since the epoch."""
-    us: list[int] = []
-    previous, last = None, 0
-    for t in values:
-        if t is not previous:  # (a message's readings share one received_at: once for all)
-            previous, last = t, (t - EPOCH) // MICROSECOND
-        us.append(last)
-    if us and not -EXACT_US < min(us) <= max(us) < EXACT_US:
-        raise ValueError(f"a timestamp beyond {EXACT_US} us from the epoch cannot be stored")
-    return "{" + ",".join(map(str, us)) + "}"
-
-
-_LITERAL: dict[str, Callable[[Any], str]] = {"text": text_array, "timestamptz": microseconds_array}
 
 
 def _columns(rows: Sequence[Row], width: int) -> list[Sequence[Any]]:

@@ -257,11 +257,8 @@ def batch_of(pieces: Sequence[Piece]) -> Batch:
         for reading in readings:
             stream, row = row_of(reading, received_at)
             kept[stream].append(row)
-        if piece.own_records and submission.rejections:
-            rows.rejections.extend(submission.rejections)
-        for verdict in piece.verdicts:
-            if verdict.record is not None:
-                rows.rejections.append(verdict.record)
+        if piece.verdicts or (piece.own_records and submission.rejections):
+            rows.rejections.extend(piece.records())
     return Batch(rows, pieces)
 
 

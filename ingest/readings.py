@@ -49,6 +49,20 @@ _LEAP_SECOND = re.compile(r"T\d{2}:?\d{2}:?60(?![0-9])")
 OUT_OF_CALENDAR = "is outside the calendar once converted to UTC (years 1 to 9999)"
 
 
+def from_iso(text: str) -> datetime:
+    """`datetime.fromisoformat` as RFC 3339 text needs it: a lower-case "z" taken (Python
+    3.11 takes only "Z"), and text holding a NUL refused (Python 3.11 stops reading at it,
+    ignoring what follows). ValueError when it is not a date and time."""
+    if "\x00" in text:
+        raise ValueError("a NUL in a timestamp")
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        if text[-1:] != "z":
+            raise
+    return datetime.fromisoformat(text[:-1] + "Z")  # (tried second: "Z" is the usual case)
+
+
 def _timestamp_in_utc(value: object) -> object:
     """ISO 8601 text with an offset, held as a UTC datetime.
 
@@ -64,13 +78,9 @@ def _timestamp_in_utc(value: object) -> object:
     """
     if isinstance(value, str):
         text = value
-        if "\x00" in text:  # (Python 3.11's fromisoformat stops reading at a NUL)
-            raise ValueError(ISO_HINT)
         try:
-            value = datetime.fromisoformat(text)
+            value = from_iso(text)
         except ValueError:
-            if text[-1:] == "z":  # RFC 3339 allows "z" (Python 3.11 takes only "Z")
-                return _timestamp_in_utc(text[:-1] + "Z")
             hint = LEAP_SECOND_HINT if _LEAP_SECOND.search(text) else ISO_HINT
             raise ValueError(hint) from None
     if not isinstance(value, datetime):

@@ -13,10 +13,8 @@ Prints milliseconds per statement for each build: median and p90 (BENCHMARKS.md,
 from __future__ import annotations
 
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,10 +24,9 @@ import asyncpg
 import other_build
 
 import db.analytics as analytics
-from daemon.services import EmbeddedPostgres, free_port
 from db.windows import pieces
 from simulator.bench_fleet import load_fleet
-from simulator.benchkit import prepare
+from simulator.benchkit import prepare, private_postgres, scratch
 
 ROUNDS = 40
 
@@ -46,10 +43,8 @@ async def timed(conn: asyncpg.Connection, module: ModuleType) -> float:
 
 async def main(tree: Path, devices: int) -> None:
     builds = {"other": other_build.load(tree, "db.analytics"), "this": analytics}
-    root = Path(tempfile.mkdtemp(prefix="fleet-ab-"))
-    pg = EmbeddedPostgres(root / "postgres", port=free_port())
-    dsn = await asyncio.to_thread(pg.start)
-    try:
+    with scratch("fleet-ab-") as root, private_postgres(root) as pg:
+        dsn = pg.dsn
         await prepare(dsn)
         print(await load_fleet(dsn, devices=devices, hours=24, step_min=1), flush=True)
         conn = await asyncpg.connect(dsn)
@@ -62,12 +57,9 @@ async def main(tree: Path, devices: int) -> None:
                     times[name].append(await timed(conn, module))
         finally:
             await conn.close()
-        for name, runs in times.items():
-            p90 = statistics.quantiles(runs, n=10)[-1]
-            print(f"{name}: median {statistics.median(runs):.1f} ms, p90 {p90:.1f} ms")
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    for name, runs in times.items():
+        p90 = statistics.quantiles(runs, n=10)[-1]
+        print(f"{name}: median {statistics.median(runs):.1f} ms, p90 {p90:.1f} ms")
 
 
 if __name__ == "__main__":

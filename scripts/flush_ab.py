@@ -8,15 +8,15 @@ without the daemon, the broker or the machine's other work in the way.
     .venv/bin/python scripts/flush_ab.py /path/to/other/checkout 60   # gateway arrays of 60
 
 Prints readings/s per build, each round and the median (BENCHMARKS.md, roll-ups off the flush).
+Only the statement is the other build's; its parameters are built as this one builds them, so
+the other build must take the same ones (ids and timestamps as array literals: from 754ef94).
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,10 +25,10 @@ import asyncpg
 import other_build
 
 import db.writes as writes
-from daemon.services import EmbeddedPostgres, free_port
 from db.partitions import prepare_schema
 from db.tables import METER
 from db.writes import FlushBatch, flush_batch
+from simulator.benchkit import private_postgres, scratch
 
 ROUNDS = 4
 DEVICES = 2000
@@ -66,10 +66,8 @@ async def rate(dsn: str, sql: str, work: list[FlushBatch]) -> float:
 
 async def main(tree: Path, array: int) -> None:
     sqls = {"other": other_build.load(tree, "db.writes").FLUSH_SQL, "this": writes.FLUSH_SQL}
-    root = Path(tempfile.mkdtemp(prefix="flush-ab-"))
-    pg = EmbeddedPostgres(root / "postgres", port=free_port())
-    dsn = await asyncio.to_thread(pg.start)
-    try:
+    with scratch("flush-ab-") as root, private_postgres(root) as pg:
+        dsn = pg.dsn
         conn = await asyncpg.connect(dsn)
         await prepare_schema(conn, schema="public", retention_days=30, lookahead_days=3)
         await conn.close()
@@ -78,12 +76,9 @@ async def main(tree: Path, array: int) -> None:
         for _ in range(ROUNDS):
             for name, sql in sqls.items():
                 rates[name].append(await rate(dsn, sql, work))
-        for name, runs in rates.items():
-            print(f"{name}: median {statistics.median(runs):,.0f} readings/s", end="")
-            print(f" ({' / '.join(f'{r:,.0f}' for r in runs)})")
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    for name, runs in rates.items():
+        print(f"{name}: median {statistics.median(runs):,.0f} readings/s", end="")
+        print(f" ({' / '.join(f'{r:,.0f}' for r in runs)})")
 
 
 if __name__ == "__main__":

@@ -44,21 +44,38 @@ class Services:
 
 
 @contextlib.contextmanager
-def services() -> Iterator[Services]:
-    """A private PostgreSQL (durable: fsync on, as in production) and Mosquitto."""
-    root = Path(tempfile.mkdtemp(prefix="energy-ingest-bench-"))
+def scratch(prefix: str = "energy-ingest-bench-") -> Iterator[Path]:
+    """A folder for private services, removed after them (a 30-day history is gigabytes)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
-    pg = EmbeddedPostgres(root / "postgres", port=0)
-    broker = EmbeddedMosquitto(root / "mosquitto", port=0)
-    pg.start()
-    broker.start()
     try:
-        asyncio.run(prepare(pg.dsn))
-        yield Services(pg, broker)
+        yield root
     finally:
-        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_postgres(root: Path) -> Iterator[EmbeddedPostgres]:
+    """A private PostgreSQL under `root` (durable: fsync on, as in production)."""
+    pg = EmbeddedPostgres(root / "postgres", port=0)
+    pg.start()
+    try:
+        yield pg
+    finally:
         pg.stop()
-        shutil.rmtree(root, ignore_errors=True)  # a 30-day history is gigabytes
+
+
+@contextlib.contextmanager
+def services() -> Iterator[Services]:
+    """A private PostgreSQL and Mosquitto, the database prepared."""
+    with scratch() as root, private_postgres(root) as pg:
+        broker = EmbeddedMosquitto(root / "mosquitto", port=0)
+        broker.start()
+        try:
+            asyncio.run(prepare(pg.dsn))
+            yield Services(pg, broker)
+        finally:
+            broker.stop()
 
 
 async def prepare(dsn: str, *, retention_days: int = 40) -> None:
