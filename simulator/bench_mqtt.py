@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +25,8 @@ from simulator.benchkit import (
     Services,
     accepted,
     histogram_quantile,
+    postgres_cpu_s,
+    process_cpu_s,
     reset,
 )
 from simulator.fleet import Fleet, as_arrays, iso_ms
@@ -169,6 +172,8 @@ def _drain_once(
     connected_at = daemon.start(until_ready=False)
     box = BoxCpu()
     cpu_before = daemon.cpu_s()
+    broker_pid = int(svc.broker.pid_file.read_text().split()[0])
+    pg_before, broker_before = postgres_cpu_s(svc.pg), process_cpu_s(broker_pid)
     while True:
         metrics = daemon.metrics()
         if accepted(metrics) >= total:
@@ -177,6 +182,14 @@ def _drain_once(
     drain_s = metrics["energy_ingest_last_commit_unixtime"] - connected_at
     cpu = daemon.cpu_s() - cpu_before
     box_cpu = box.measure()
+    # Who spent the machine's CPU on each reading: the daemon, PostgreSQL, the broker. Two
+    # cores bound the drain at 2 / (their sum), whatever any one of them does alone.
+    each = {
+        "daemon": cpu,
+        "postgres": postgres_cpu_s(svc.pg) - pg_before,
+        "broker": process_cpu_s(broker_pid) - broker_before,
+    }
+    cpu_us = {f"{who}_cpu_us_per_reading": round(s / total * 1e6, 2) for who, s in each.items()}
     rss = daemon.peak_rss_mb()
     daemon.stop()
     return {
@@ -186,6 +199,8 @@ def _drain_once(
         "readings_per_s": round(total / drain_s),
         "daemon_cpu_share": round(cpu / drain_s, 3),
         **box_cpu,
+        **cpu_us,
+        "cores_bound_readings_per_s": round((os.cpu_count() or 1) * total / sum(each.values())),
         "peak_rss_mb": round(rss, 1),
         "mean_flush_readings": round(
             metrics["energy_ingest_flush_readings_sum"]
@@ -218,11 +233,14 @@ def drain(
         messages = backlog(readings, array, start)
         total = sum(p.count(b'"timestamp"') for _, p in messages)
         limits: dict[str, float] = {}
+        pg_us: dict[str, float] = {}
         for connections in (1, FLUSH_CONCURRENCY):
-            asyncio.run(reset(svc.dsn))
-            limits[f"bare_{connections}"] = asyncio.run(bare_insert(svc.dsn, messages, connections))
-            asyncio.run(reset(svc.dsn))
-            limits[f"flush_{connections}"] = asyncio.run(ceiling(svc.dsn, messages, connections))
+            for name, writer in (("bare", bare_insert), ("flush", ceiling)):
+                asyncio.run(reset(svc.dsn))
+                pg_before = postgres_cpu_s(svc.pg)
+                per_s = asyncio.run(writer(svc.dsn, messages, connections))
+                limits[f"{name}_{connections}"] = per_s
+                pg_us[name] = round((postgres_cpu_s(svc.pg) - pg_before) / total * 1e6, 2)
         for build, tree in builds:
             measured = _drain_once(svc, messages, total, tree)
             rate = measured["readings_per_s"]
@@ -237,6 +255,8 @@ def drain(
                 "ceiling_1_connection_per_s": round(limits["flush_1"]),
                 "ceiling_readings_per_s": round(limits[f"flush_{FLUSH_CONCURRENCY}"]),
                 "ratio_to_ceiling": round(rate / limits[f"flush_{FLUSH_CONCURRENCY}"], 3),
+                "bare_insert_postgres_cpu_us_per_reading": pg_us["bare"],
+                "ceiling_postgres_cpu_us_per_reading": pg_us["flush"],
             }
             result.runs.append(run_result)
             print(f"  run {run + 1}: {run_result}", flush=True)
