@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     rejection_payload_max_bytes: int = Field(default=2048, ge=64)
     # The newest rejections kept (about 2.5 KB each at most): oldest out first, drops counted.
     rejections_max_rows: int = Field(default=100_000, ge=100)
+    # A device whose newest reading is older than this is silent (the `/metrics` gauge, the
+    # overview's count, the alert rule); `GET /v1/devices?silentFor=` asks for any other span.
+    silent_after_s: int = Field(default=900, ge=1)
+    # How often the daemon counts silent devices and vehicles below the efficiency threshold
+    # (for `/metrics`): from the latest-state tables, one statement, on the operators' pool.
+    census_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    # The hourly roll-ups outlive the raw history: kept this long, dropped by upkeep.
+    rollup_retention_days: int = Field(default=730, ge=1)
+    # With a directory, each raw day partition is exported to Parquet before retention drops it.
+    archive_dir: Path | None = None
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
@@ -108,6 +118,8 @@ class Settings(BaseSettings):
     embedded_pg_port: int = Field(default=5433, ge=0, le=65535)
     embedded_mqtt_port: int = Field(default=1883, ge=0, le=65535)
     log_level: str = "INFO"
+    # `json`: one JSON object a line (time, level, logger, event, and context keys).
+    log_format: Literal["text", "json"] = "text"
     # Below Docker's stop grace period (10 s by default; docker-compose.yml sets 15 s): the
     # daemon has flushed and disconnected before it would be killed.
     shutdown_timeout_s: float = Field(default=8.0, gt=0)

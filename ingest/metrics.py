@@ -147,6 +147,7 @@ class Metrics:
         self._declare_writes(r)
         self._declare_mqtt(r)
         self._declare_housekeeping(r)
+        self._declare_census(r)
         self._declare_process(r)
 
     def _declare_writes(self, r: CollectorRegistry) -> None:
@@ -253,6 +254,45 @@ class Metrics:
             "energy_ingest_rejections_unrecorded",
             "Rejection records not written: more than 1,000 waited for the database (it was "
             "away), or PostgreSQL refused the record itself",
+            registry=r,
+        )
+
+    def _declare_census(self, r: CollectorRegistry) -> None:
+        # Counted every CENSUS_INTERVAL_S from the latest-state tables, not per scrape.
+        self.devices = Gauge(
+            "energy_ingest_devices",
+            "Devices with at least one stored reading, by stream",
+            ["stream"],
+            registry=r,
+        )
+        self.silent_devices = Gauge(
+            "energy_ingest_silent_devices",
+            "Devices whose newest reading is older than SILENT_AFTER_S, by stream",
+            ["stream"],
+            registry=r,
+        )
+        self.vehicles_below_efficiency = Gauge(
+            "energy_ingest_vehicles_below_efficiency",
+            "Vehicles whose efficiency over the last ANALYTICS_DEFAULT_WINDOW_H is below "
+            "ALERT_EFFICIENCY_THRESHOLD",
+            registry=r,
+        )
+        self.census_last_success = Gauge(
+            "energy_ingest_census_last_success_unixtime",
+            "When the silent devices and the vehicles below the threshold were last counted",
+            registry=r,
+        )
+        self.archived_partitions = Counter(
+            "energy_ingest_archived_partitions",
+            "Raw day partitions exported to Parquet under ARCHIVE_DIR, read back, matched and "
+            "dropped, by stream",
+            ["stream"],
+            registry=r,
+        )
+        self.archive_failures = Counter(
+            "energy_ingest_archive_failures",
+            "Exports of a day partition to Parquet that failed or did not match (the "
+            "partition is kept and tried again)",
             registry=r,
         )
 
