@@ -12,7 +12,7 @@ from api.auth import require
 from api.body import problem
 from api.responses import JSON, ApiError
 from api.state import reads_of, runtime_of
-from db import analytics
+from db import analytics, devices
 from db.windows import Piece, pieces
 from ingest.config import Settings
 from ingest.readings import OUT_OF_CALENDAR, from_iso, is_device_id
@@ -108,8 +108,11 @@ def alert(dc_kwh: float, ac_kwh: float, threshold: float) -> bool:
     return ac_kwh > 0 and dc_kwh / ac_kwh < threshold
 
 
-def figures(v: analytics.VehicleWindow, threshold: float) -> dict[str, Any]:
-    """A vehicle's figures, as the per-vehicle route and each row of the fleet give them."""
+def figures(
+    v: analytics.VehicleWindow, threshold: float, silent: list[tuple[str, datetime]]
+) -> dict[str, Any]:
+    """A vehicle's figures, as the per-vehicle route and each row of the fleet give them;
+    `silent`: the silent meters it is charging on now (`db.devices.silent_meters_of`)."""
     return {
         "vehicleId": v.vehicle_id,
         "totalAcConsumedKwh": kwh(v.ac_kwh),
@@ -122,6 +125,7 @@ def figures(v: analytics.VehicleWindow, threshold: float) -> dict[str, Any]:
             for m in v.meters
         ],
         "alert": alert(v.dc_kwh, v.ac_kwh, threshold),
+        "silentMeters": [{"meterId": m, "lastReadingAt": at} for m, at in silent],
     }
 
 
@@ -138,10 +142,11 @@ async def performance(request: Request) -> JSON:
         raise unknown_vehicle(vehicle_id)
     async with reads_of(request).connection(analytics=True) as conn:
         totals = await analytics.vehicle_window(conn, vehicle_id, pieces_of(start, end), start, end)
+        silent = await devices.silent_meters_of(conn, [vehicle_id], runtime.settings.silent_after_s)
     if totals is None:
         raise unknown_vehicle(vehicle_id)
     threshold = runtime.settings.alert_efficiency_threshold
-    body = figures(totals, threshold)
+    body = figures(totals, threshold, silent.get(vehicle_id, []))
     return JSON(
         {
             "vehicleId": body.pop("vehicleId"),

@@ -30,7 +30,7 @@ from api.body import limit_param, problem
 from api.responses import ApiError
 from api.state import reads_of, runtime_of
 from api.streaming import csv_rows, json_object
-from db import analytics
+from db import analytics, devices
 from ingest.readings import is_device_id
 
 DEFAULT_LIMIT = 100
@@ -45,6 +45,7 @@ CSV_COLUMNS = (
     "meterReadings",
     "vehicleReadings",
     "meters",
+    "silentMeters",
 )
 
 
@@ -132,12 +133,16 @@ async def fleet(request: Request) -> Response:
             after=after,
             limit=limit,
         )
+        silent = await devices.silent_meters_of(
+            conn, [r["vehicle_id"] for r in page.rows], runtime.settings.silent_after_s
+        )
     next_cursor = (
         encode_cursor(start, end, alert_only, page.key(page.rows[-1])) if page.more else None
     )
 
     def row(record: Record) -> dict[str, Any]:
-        return figures(analytics.vehicle_of(record, analytics.FLEET_OFFSET), threshold)
+        vehicle = analytics.vehicle_of(record, analytics.FLEET_OFFSET)
+        return figures(vehicle, threshold, silent.get(vehicle.vehicle_id, []))
 
     if as_csv:
         return _csv(page.rows, row, next_cursor, request, limit)
@@ -164,6 +169,7 @@ def _csv_line(row: dict[str, Any]) -> list[Any]:
         row["readings"]["meter"],
         row["readings"]["vehicle"],
         " ".join(m["meterId"] for m in row["meters"]),
+        " ".join(m["meterId"] for m in row["silentMeters"]),
     ]
 
 

@@ -69,12 +69,13 @@ def _check(status: DatabaseStatus, *, lag: bool = False) -> dict[str, Any]:
     return part
 
 
-async def _fleet_counts(conn: asyncpg.Connection) -> dict[str, Any]:
+async def _fleet_counts(conn: asyncpg.Connection, silent_s: int) -> dict[str, Any]:
     return await reads.overview(
         conn,
         seen_s=SEEN_WINDOW_S,
         rejections_s=REJECTIONS_WINDOW_S,
         rejections_max=REJECTIONS_COUNTED_MAX,
+        silent_s=silent_s,
     )
 
 
@@ -88,7 +89,7 @@ async def overview(request: Request) -> JSON:
     counts: dict[str, Any] = {"at": datetime.now(UTC)}
     try:
         async with reads_of(request).connection(analytics=False) as conn:
-            counts = await _fleet_counts(conn)
+            counts = await _fleet_counts(conn, runtime.settings.silent_after_s)
         detail = ""
     except ApiError as error:
         detail = str(error.detail)
@@ -99,6 +100,11 @@ async def overview(request: Request) -> JSON:
             "windowSeconds": SEEN_WINDOW_S,
             "meters": counts.get("meters"),
             "vehicles": counts.get("vehicles"),
+        },
+        silentDevices={
+            "silentAfterSeconds": runtime.settings.silent_after_s,
+            "meters": counts.get("silent_meters"),
+            "vehicles": counts.get("silent_vehicles"),
         },
         rejections={
             "windowSeconds": REJECTIONS_WINDOW_S,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from api import analytics, fleet, ingestion, links, operators, series
+from api import analytics, devices, fleet, ingestion, links, operators, series
 from api.auth import Handler
 from api.schemas import (
     BatchResult,
@@ -24,6 +24,7 @@ from api.schemas import (
     Performance,
     RejectionPage,
     Series,
+    SilentDevicePage,
     StoredReading,
     Unlinked,
     VehicleBatch,
@@ -231,6 +232,21 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Query("meterId", "this meter's sessions"),
             Query("limit", "page size, 1 to 1000 (default 50)", "integer"),
             Query("startedBefore", "`next` of the previous page", format="date-time"),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/devices",
+        devices.silent,
+        "Silent devices: their newest reading is older than a span, longest silent first",
+        "status",
+        ok=(200, SilentDevicePage),
+        errors=(400, 503),
+        query=(
+            Query("silentFor", f"{devices.SPAN_RULE} (default SILENT_AFTER_S)"),
+            Query("stream", "meter or vehicle (default both)"),
+            Query("limit", "page size, 1 to 1000 (default 100)", "integer"),
+            Query("cursor", "`next` of the previous page (it keeps that page's span and stream)"),
         ),
     ),
     Endpoint(

@@ -100,6 +100,17 @@ class ReadingCounts(_Body):
     vehicle: int
 
 
+SILENT_METERS = (
+    "meters it is charging on now (an open session) whose newest reading is older than "
+    "SILENT_AFTER_S: its AC, and so its efficiency, is not to be trusted"
+)
+
+
+class SilentMeter(_Body):
+    meter_id: str = Field(alias="meterId")
+    last_reading_at: datetime = Field(alias="lastReadingAt")
+
+
 class Performance(_Body):
     vehicle_id: str = Field(alias="vehicleId")
     window: Window
@@ -112,6 +123,7 @@ class Performance(_Body):
     readings: ReadingCounts
     meters: list[MeterShare]
     alert: bool = Field(description="efficiencyRatio is below alertThreshold")
+    silent_meters: list[SilentMeter] = Field(alias="silentMeters", description=SILENT_METERS)
     alert_threshold: float = Field(alias="alertThreshold")
 
 
@@ -200,12 +212,19 @@ class Rate(_Body):
     scope: str
 
 
+class SilentCounts(_Body):
+    silent_after_seconds: int = Field(alias="silentAfterSeconds", description="SILENT_AFTER_S")
+    meters: int | None = Field(description="meters whose newest reading is older than that")
+    vehicles: int | None
+
+
 class Overview(Health):
     at: datetime
     counts_detail: str = Field(
         alias="countsDetail", description="why the counts are null, when they are"
     )
     devices_seen: DevicesSeen = Field(alias="devicesSeen")
+    silent_devices: SilentCounts = Field(alias="silentDevices")
     rejections: RecentRejections
     stored_per_second: Rate = Field(alias="storedPerSecond")
     alert_threshold: float = Field(alias="alertThreshold")
@@ -225,6 +244,29 @@ class FleetVehicle(_Body):
     readings: ReadingCounts
     meters: list[MeterShare]
     alert: bool
+    silent_meters: list[SilentMeter] = Field(alias="silentMeters", description=SILENT_METERS)
+
+
+class SilentDevice(_Body):
+    stream: str = Field(description="meter or vehicle")
+    device_id: str = Field(alias="deviceId")
+    last_reading_at: datetime = Field(
+        alias="lastReadingAt", description="the timestamp of its newest stored reading"
+    )
+    received_at: datetime = Field(alias="receivedAt", description="when that reading arrived")
+    vehicle_id: str | None = Field(
+        alias="vehicleId", description="a meter's: the vehicle charging on it now (open session)"
+    )
+    silent_for_seconds: float = Field(alias="silentForSeconds")
+
+
+class SilentDevicePage(_Body):
+    silent_for_seconds: int = Field(alias="silentForSeconds")
+    streams: list[str]
+    at: datetime = Field(description="the database's clock, which the span is counted back from")
+    total: int = Field(description="silent devices, over every page")
+    devices: list[SilentDevice] = Field(description="longest silent first")
+    next: str | None = Field(description="pass as `cursor` for the next page")
 
 
 class FleetPage(_Body):

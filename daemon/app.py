@@ -6,7 +6,7 @@ stack's exit, their reverse, is the shutdown order that keeps "nothing lost":
 
 1. no new MQTT readings (the subscriber pauses), the shutdown's deadline starts;
 2. HTTP takes no new connections and answers what it has (HTTP_DRAIN_S at most);
-3. housekeeping stops; the writer commits what it holds, within the deadline, and its
+3. the census and housekeeping stop; the writer commits what it holds, within the deadline, and its
    acknowledgements go out (PUBACKs, HTTP answers);
 4. HTTP ends; the subscriber lets the last PUBACKs out and disconnects, keeping its session;
 5. the loop watch, the probes and the pools close; private services stop.
@@ -32,6 +32,7 @@ from broker.topics import subscriptions
 from daemon.database import Probes, database_probes, prepare_database
 from daemon.pools import POOL_CLOSE_S, Pools, database_pools
 from daemon.services import private_services
+from ingest.census import Census
 from ingest.config import MqttEndpoint, Settings
 from ingest.flushing import PoolFlush
 from ingest.housekeeping import Housekeeping
@@ -98,6 +99,7 @@ async def serve(
         await stack.enter_async_context(http.within(deadline))
         await stack.enter_async_context(writer.within(deadline))
         await stack.enter_async_context(housekeeping)
+        await stack.enter_async_context(Census(settings, pools.read, metrics))
         stack.push_async_callback(http.drain, deadline)
         stack.callback(subscriber.pause)
         stack.callback(deadline.start)

@@ -24,8 +24,8 @@ LIMIT $3"""
 
 
 # Devices whose newest reading arrived lately (the hot tables have no index on received_at,
-# on purpose: it would end their HOT updates; a scan of one row per device is cheap), and
-# the rejections of the last hour, counted up to a bound.
+# on purpose: it would end their HOT updates; a scan of one row per device is cheap), the
+# rejections of the last hour, counted up to a bound, and the silent devices (`db.devices`).
 OVERVIEW = f"""
 SELECT now() AS at,
     (SELECT count(*) FROM {METER.latest}
@@ -34,13 +34,22 @@ SELECT now() AS at,
      WHERE received_at > now() - make_interval(secs => $1)) AS vehicles,
     (SELECT count(*) FROM (
         SELECT FROM {REJECTIONS} WHERE received_at > now() - make_interval(secs => $2) LIMIT $3
-     ) recent) AS rejections"""
+     ) recent) AS rejections,
+    (SELECT count(*) FROM {METER.latest}
+     WHERE ts < now() - make_interval(secs => $4)) AS silent_meters,
+    (SELECT count(*) FROM {VEHICLE.latest}
+     WHERE ts < now() - make_interval(secs => $4)) AS silent_vehicles"""
 
 
 async def overview(
-    conn: asyncpg.Connection, *, seen_s: float, rejections_s: float, rejections_max: int
+    conn: asyncpg.Connection,
+    *,
+    seen_s: float,
+    rejections_s: float,
+    rejections_max: int,
+    silent_s: float,
 ) -> dict[str, Any]:
-    return dict(await conn.fetchrow(OVERVIEW, seen_s, rejections_s, rejections_max))
+    return dict(await conn.fetchrow(OVERVIEW, seen_s, rejections_s, rejections_max, silent_s))
 
 
 async def latest_state(

@@ -95,11 +95,42 @@ async def scene(postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto) -> Asy
             return bool(n == len(heartbeats) + len(spoiled))
 
         await eventually(all_in, timeout_s=60)
+        await _silent_devices(db)
         faulty = sorted(v.vehicle_id for v in fleet.vehicles if v.meter_id in fleet.faulty)
         yield Scene(daemon, db, fleet, mosquitto.port, len(spoiled), faulty)
     finally:
         await db.close()
         assert daemon.stop() == 0, daemon.log()
+
+
+SILENT_METER, SILENT_CAR, QUIET_CAR = "DB-M-SILENT", "DB-V-SILENT", "DB-V-QUIET"
+
+
+async def _silent_devices(db: asyncpg.Connection) -> None:
+    """A meter silent for 2 h with a vehicle charging on it (linked an hour ago, after its
+    meter's last reading), and a vehicle silent for 45 min. Written straight into the tables
+    to place their arrival in the past too (the devices seen lately stay the fleet's 24)."""
+    meter_at, car_at = NOW - timedelta(hours=2), NOW - timedelta(minutes=45)
+    for table in ("meter_readings", "meter_latest"):
+        await db.execute(
+            f"INSERT INTO {table} (meter_id, ts, kwh_consumed_ac, voltage, received_at) "
+            "VALUES ($1, $2, 0.2, 230, $2)",
+            SILENT_METER,
+            meter_at,
+        )
+    for table in ("vehicle_readings", "vehicle_latest"):
+        await db.execute(
+            f"INSERT INTO {table} (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp, "
+            "received_at) VALUES ($1, $2, 40, 0.1, 25, $2)",
+            QUIET_CAR,
+            car_at,
+        )
+    await db.execute(
+        "INSERT INTO charging_sessions (vehicle_id, meter_id, started_at) VALUES ($1, $2, $3)",
+        SILENT_CAR,
+        SILENT_METER,
+        NOW - timedelta(hours=1),
+    )
 
 
 @dataclass
@@ -286,6 +317,49 @@ async def test_the_dashboard_shows_the_faulty_chargers_their_charts_and_the_reje
     assert watched.problems == []
     data = [u for u in watched.requests if "/v1/" in u]
     assert data, "the page read no data"
+    await context.close()
+
+
+async def test_the_dashboard_names_the_silent_devices(scene: Scene, browser: Browser) -> None:
+    watched = Watched()
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = watched.watch(await context.new_page())
+    base = scene.daemon.base_url
+    await page.goto(base + "/")
+    await page.wait_for_selector("#key-form:not([hidden])")
+    await page.fill("#key-input", OPERATOR_KEY)
+    await page.click("#key-form button[type=submit]")
+
+    # Longest silent first, each with its newest reading; the meter with the vehicle on it.
+    await page.wait_for_selector("#silent tr[data-device]")
+    rows = page.locator("#silent tr[data-device]")
+    listed = await rows.evaluate_all("rows => rows.map(r => [r.dataset.stream, r.dataset.device])")
+    assert listed == [["meter", SILENT_METER], ["vehicle", QUIET_CAR]]
+    meter_row = await page.inner_text(f'#silent tr[data-device="{SILENT_METER}"]')
+    assert SILENT_CAR in meter_row and "2 h ago" in meter_row
+    quiet_row = await page.inner_text(f'#silent tr[data-device="{QUIET_CAR}"]')
+    assert re.search(r"\b4[5-9] min ago", quiet_row), quiet_row
+    assert "Silent devices: 2 with no reading for over 15 min" in await page.inner_text(
+        "#silent h2"
+    )
+    await expect(page.locator("#summary")).to_contain_text("Silent (over 15 min)")
+    await page.locator("#silent").screenshot(path=ARTIFACTS / "silent.png")
+    await page.screenshot(path=ARTIFACTS / "fleet-silent.png", full_page=True)
+
+    # The vehicle on the silent meter: its page says its efficiency lacks that meter's AC.
+    await page.click(f'#silent tr[data-device="{SILENT_METER}"] a')
+    await expect(page.locator("#figures")).to_contain_text("Meter silent")
+    await expect(page.locator("#figures")).to_contain_text(SILENT_METER)
+
+    # It reports again (through the daemon): it leaves the listing at the next refresh.
+    publisher = Publisher(scene.mqtt_port)
+    publisher.publish_all([(f"meters/{SILENT_METER}/telemetry", meter_json(SILENT_METER, NOW))])
+    publisher.close()
+    await page.goto(base + "/")
+    await expect(page.locator(f'#silent tr[data-device="{SILENT_METER}"]')).to_have_count(
+        0, timeout=20_000
+    )
+    assert watched.foreign(base) == [] and watched.problems == []
     await context.close()
 
 

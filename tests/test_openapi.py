@@ -29,6 +29,7 @@ SPEC_ROUTES = {
     ("get", "/v1/analytics/performance/{vehicleId}/series"),
     ("get", "/v1/analytics/fleet"),
     ("get", "/v1/links"),
+    ("get", "/v1/devices"),
     ("get", "/v1/overview"),
     ("get", "/v1/status/vehicle/{vehicleId}"),
     ("get", "/v1/status/meter/{meterId}"),

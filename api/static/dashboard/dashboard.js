@@ -6,13 +6,14 @@
 "use strict";
 
 const KEY_STORE = "energy-ingest.operator-key";
-const REFRESH_MS = { summary: 5000, alerts: 30000, vehicle: 15000, rejections: 15000 };
+const REFRESH_MS = { summary: 5000, alerts: 30000, silent: 30000, vehicle: 15000, rejections: 15000 };
 const RANGES = [
   { id: "24h", label: "24 h", hours: 24, bucket: "15m" },
   { id: "7d", label: "7 days", hours: 24 * 7, bucket: "1h" },
   { id: "30d", label: "30 days", hours: 24 * 30, bucket: "1d" },
 ];
 const ALERTS_PAGE = 50;
+const SILENT_PAGE = 50;
 const REJECTIONS_PAGE = 50;
 const COLORS = { ac: "#1f6feb", dc: "#2da44e", ratio: "#cf222e", limit: "#9a6700", soc: "#8250df", temp: "#bc4c00" };
 
@@ -224,7 +225,8 @@ function route() {
 function fleetView(view, main) {
   const summary = el("section", { class: "cards", id: "summary" });
   const alerts = el("section", { id: "alerts" });
-  main.append(el("h1", { text: "Fleet" }), summary, alerts);
+  const silent = el("section", { id: "silent" });
+  main.append(el("h1", { text: "Fleet" }), summary, alerts, silent);
   document.title = "Fleet — Energy Ingestion Engine";
   every(view, REFRESH_MS.summary, async () => renderSummary(summary, await api("/v1/overview")));
   let shown = ALERTS_PAGE;
@@ -233,6 +235,12 @@ function fleetView(view, main) {
     refreshAlerts().catch((error) => banner("Could not load more: " + error.message, true));
   });
   every(view, REFRESH_MS.alerts, refreshAlerts);
+  let silentShown = SILENT_PAGE;
+  const refreshSilent = async () => renderSilent(silent, await silentPages(silentShown), () => {
+    silentShown += SILENT_PAGE;
+    refreshSilent().catch((error) => banner("Could not load more: " + error.message, true));
+  });
+  every(view, REFRESH_MS.silent, refreshSilent);
 }
 
 function renderSummary(node, o) {
@@ -244,6 +252,7 @@ function renderSummary(node, o) {
   rejections.querySelector(".value").replaceWith(el("a", { class: "value", href: "#/rejections", text: rejected }));
   node.replaceChildren(
     card(`Devices seen (${minutes} min)`, `${count(seen.meters)} · ${count(seen.vehicles)}`, "meters · vehicles"),
+    silentCard(o.silentDevices),
     card("Readings / s now", count(o.storedPerSecond.value), `stored, ${o.storedPerSecond.scope}, last ${o.storedPerSecond.windowSeconds} s`),
     rejections,
     card("Buffer", `${count(o.buffer.depth)} / ${count(o.buffer.max)}`, "readings waiting to be written", o.buffer.depth >= o.buffer.max ? "bad" : null),
@@ -252,6 +261,59 @@ function renderSummary(node, o) {
     part("Partitions", o.partitions),
   );
   node.dataset.threshold = String(o.alertThreshold);
+}
+
+function silentCard(silent) {
+  const total = silent.meters === null ? null : silent.meters + silent.vehicles;
+  const node = card(`Silent (over ${spanText(silent.silentAfterSeconds)})`, `${count(silent.meters)} · ${count(silent.vehicles)}`, "meters · vehicles", total ? "bad" : total === 0 ? "ok" : null);
+  const jump = (event) => {
+    event.preventDefault();
+    document.getElementById("silent").scrollIntoView();
+  };
+  node.querySelector(".value").replaceWith(el("a", { class: "value", href: "#/", onclick: jump, text: `${count(silent.meters)} · ${count(silent.vehicles)}` }));
+  return node;
+}
+
+function spanText(seconds) {
+  if (seconds % 86400 === 0) return `${seconds / 86400} d`;
+  if (seconds % 3600 === 0) return `${seconds / 3600} h`;
+  if (seconds % 60 === 0) return `${seconds / 60} min`;
+  return `${seconds} s`;
+}
+
+async function silentPages(wanted) {
+  let page = await api("/v1/devices?" + query({ limit: Math.min(wanted, 1000) }));
+  const devices = page.devices.slice();
+  while (devices.length < wanted && page.next) {
+    page = await api("/v1/devices?" + query({ cursor: page.next, limit: Math.min(wanted - devices.length, 1000) }));
+    devices.push(...page.devices);
+  }
+  return { ...page, devices };
+}
+
+// Devices that stopped reporting, longest silent first: a vehicle links to its page.
+function renderSilent(node, page, more) {
+  const rows = page.devices.map((d) =>
+    el(
+      "tr",
+      { "data-device": d.deviceId, "data-stream": d.stream },
+      el("td", {}, d.stream === "vehicle" ? vehicleLink(d.deviceId) : el("span", { class: "mono", text: d.deviceId })),
+      el("td", { text: d.stream }),
+      el("td", {}, d.vehicleId ? vehicleLink(d.vehicleId) : "—"),
+      el("td", { class: "num", title: d.lastReadingAt, text: when(d.lastReadingAt) }),
+      el("td", { class: "num bad-text", text: ago(d.lastReadingAt) }),
+    ),
+  );
+  const toolbar = el("div", { class: "toolbar" });
+  if (page.devices.length < page.total) {
+    toolbar.append(el("button", { type: "button", text: `Show ${Math.min(SILENT_PAGE, page.total - page.devices.length)} more`, onclick: more }));
+  }
+  node.replaceChildren(
+    el("h2", { text: `Silent devices: ${count(page.total)} with no reading for over ${spanText(page.silentForSeconds)}` }),
+    el("p", { class: "sub", text: "A device is silent when its newest reading is older than that; longest silent first. A vehicle charging on a silent meter is named: its efficiency lacks that meter's AC readings." }),
+    table([["Device"], ["Stream"], ["Vehicle on it (meters)"], ["Newest reading", "num"], ["Silent", "num"]], rows, "Every device has reported lately."),
+    toolbar,
+  );
 }
 
 async function alertPages(wanted) {
@@ -275,7 +337,8 @@ function renderAlerts(node, page, more) {
       el("td", { class: "num bad-text ratio", title: String(v.efficiencyRatio), text: percent(v.efficiencyRatio) }),
       el("td", { class: "num ac", text: kwh(v.totalAcConsumedKwh) }),
       el("td", { class: "num dc", text: kwh(v.totalDcDeliveredKwh) }),
-      el("td", { class: "mono hide-narrow", text: v.meters.map((m) => m.meterId).join(", ") }),
+      el("td", { class: "mono hide-narrow" }, v.meters.map((m) => m.meterId).join(", "), ...v.silentMeters.map((m) =>
+        el("span", { class: "badge bad", "data-silent-meter": m.meterId, title: "no reading since " + when(m.lastReadingAt), text: `${m.meterId} silent` }))),
       el("td", { class: "num hide-narrow", text: `${count(v.readings.meter)} / ${count(v.readings.vehicle)}` }),
     ),
   );
@@ -408,6 +471,8 @@ function renderFigures(node, p, status) {
     status
       ? card("Now: state of charge", status.soc.toFixed(1) + " %", `${status.batteryTemp.toFixed(1)} °C · reading of ${when(status.timestamp)} (${ago(status.timestamp)})`)
       : card("Now", "—", "no reading from this vehicle yet"),
+    ...p.silentMeters.map((m) =>
+      card("Meter silent", m.meterId, `charging on it, no reading since ${when(m.lastReadingAt)} (${ago(m.lastReadingAt)}): the efficiency lacks its AC`, "bad")),
   );
   node.dataset.ratio = String(p.efficiencyRatio);
 }
