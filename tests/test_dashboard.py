@@ -180,6 +180,12 @@ def number(text: str) -> float:
     return float(found.group())
 
 
+async def sign_in(page: Page, key: str) -> None:
+    await page.wait_for_selector("#key-form:not([hidden])")
+    await page.fill("#key-input", key)
+    await page.click("#key-form button[type=submit]")
+
+
 async def cells(page: Page, row: str) -> dict[str, str]:
     tds = page.locator(f'#alerts tr[data-vehicle="{row}"] td')
     return {
@@ -202,12 +208,10 @@ async def test_the_dashboard_shows_the_faulty_chargers_their_charts_and_the_reje
     await page.goto(base + "/")
     await page.wait_for_selector("#key-form:not([hidden])")
     assert not [u for u in watched.requests if "/v1/" in u]
-    await page.fill("#key-input", "not-a-key")
-    await page.click("#key-form button[type=submit]")
+    await sign_in(page, "not-a-key")
     await expect(page.locator("#key-error")).to_contain_text("unknown API key")
     await page.screenshot(path=ARTIFACTS / "key.png")
-    await page.fill("#key-input", OPERATOR_KEY)
-    await page.click("#key-form button[type=submit]")
+    await sign_in(page, OPERATOR_KEY)
 
     # The fleet: the alert list holds exactly the vehicles on faulty chargers, worst first,
     # each with the figures plain SQL gives over the raw readings.
@@ -326,9 +330,7 @@ async def test_the_dashboard_names_the_silent_devices(scene: Scene, browser: Bro
     page = watched.watch(await context.new_page())
     base = scene.daemon.base_url
     await page.goto(base + "/")
-    await page.wait_for_selector("#key-form:not([hidden])")
-    await page.fill("#key-input", OPERATOR_KEY)
-    await page.click("#key-form button[type=submit]")
+    await sign_in(page, OPERATOR_KEY)
 
     # Longest silent first, each with its newest reading; the meter with the vehicle on it.
     await page.wait_for_selector("#silent tr[data-device]")

@@ -281,15 +281,19 @@ function spanText(seconds) {
   return `${seconds} s`;
 }
 
-async function silentPages(wanted) {
-  let page = await api("/v1/devices?" + query({ limit: Math.min(wanted, 1000) }));
-  const devices = page.devices.slice();
-  while (devices.length < wanted && page.next) {
-    page = await api("/v1/devices?" + query({ cursor: page.next, limit: Math.min(wanted - devices.length, 1000) }));
-    devices.push(...page.devices);
+// The first `wanted` items of a paged listing (`items` names them), following its cursor:
+// the first page's cursor keeps its question (the fleet's window, the silence's span).
+async function firstOf(path, params, items, wanted, most) {
+  let page = await api(path + "?" + query({ ...params, limit: Math.min(wanted, most) }));
+  const found = page[items].slice();
+  while (found.length < wanted && page.next) {
+    page = await api(path + "?" + query({ cursor: page.next, limit: Math.min(wanted - found.length, most) }));
+    found.push(...page[items]);
   }
-  return { ...page, devices };
+  return { ...page, [items]: found };
 }
+
+const silentPages = (wanted) => firstOf("/v1/devices", {}, "devices", wanted, 1000);
 
 // Devices that stopped reporting, longest silent first: a vehicle links to its page.
 function renderSilent(node, page, more) {
@@ -316,16 +320,7 @@ function renderSilent(node, page, more) {
   );
 }
 
-async function alertPages(wanted) {
-  // The first page's cursor keeps its window: later pages list the same 24 h.
-  let page = await api("/v1/analytics/fleet?" + query({ alert: "true", limit: Math.min(wanted, 10000) }));
-  const vehicles = page.vehicles.slice();
-  while (vehicles.length < wanted && page.next) {
-    page = await api("/v1/analytics/fleet?" + query({ cursor: page.next, limit: Math.min(wanted - vehicles.length, 10000) }));
-    vehicles.push(...page.vehicles);
-  }
-  return { ...page, vehicles };
-}
+const alertPages = (wanted) => firstOf("/v1/analytics/fleet", { alert: "true" }, "vehicles", wanted, 10000);
 
 function renderAlerts(node, page, more) {
   const threshold = percent(page.alertThreshold);
