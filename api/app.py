@@ -30,6 +30,7 @@ from api.routes import ENDPOINTS
 from api.runtime import Runtime
 
 log = logging.getLogger(__name__)
+HTTP = {"transport": "http"}  # what its log lines are about (LOG_FORMAT=json)
 
 STATIC = Path(__file__).parent / "static"
 DOCS_PAGE = """<!doctype html>
@@ -67,7 +68,7 @@ async def _http_error(request: Request, exc: Exception) -> JSON:
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # A client that hangs up mid-body (or whose body never came in time) is a normal event:
     # nobody reads this answer, and there is nothing to log beyond a line.
-    log.info("client went away during %s %s", request.method, request.url.path)
+    log.info("client went away during %s %s", request.method, request.url.path, extra=HTTP)
     return Response(status_code=400)
 
 
@@ -86,10 +87,18 @@ async def _unexpected(request: Request, exc: Exception) -> JSON:
     now = time.monotonic()
     last = _bugs_logged.get(key)
     if last is None:
-        log.error("an error of ours on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error(
+            "an error of ours on %s %s",
+            request.method,
+            request.url.path,
+            exc_info=exc,
+            extra=HTTP,
+        )
         _bugs_logged[key] = now
     elif now - last >= BUG_LOG_EVERY_S:
-        log.error("again: %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        log.error(
+            "again: %s on %s %s", type(exc).__name__, request.method, request.url.path, extra=HTTP
+        )
         _bugs_logged[key] = now
     return JSON({"detail": "internal error; the daemon logged it"}, status_code=500)
 

@@ -100,13 +100,17 @@ class ReadGate:
         failure = classify(error)
         if failure.sqlstate == STATEMENT_TIMEOUT:
             self._metrics.reads_refused.labels("statement_timeout").inc()
-            log.info("a read ran past ANALYTICS_STATEMENT_TIMEOUT_S: %s", failure.detail)
+            log.info(
+                "a read ran past ANALYTICS_STATEMENT_TIMEOUT_S: %s",
+                failure.detail,
+                extra=failure.log_fields,
+            )
             return unavailable(
                 f"the query ran longer than {self._statement_timeout_s:g} s "
                 f"(ANALYTICS_STATEMENT_TIMEOUT_S): ask for a shorter window, or try later",
                 retry_after_s=5,
             )
-        log.warning("a read failed: %s", failure.detail)
+        log.warning("a read failed: %s", failure.detail, extra=failure.log_fields)
         if isinstance(failure, DataFailure):
             return ApiError(
                 400, [{"field": "", "message": "the database refused a value of this request"}]
@@ -127,7 +131,7 @@ async def control_connection(
         raise unavailable("the database is busy; try again") from None
     except DATABASE_ERRORS as error:
         failure = classify(error)
-        log.warning("a write of links failed: %s", failure.detail)
+        log.warning("a write of links failed: %s", failure.detail, extra=failure.log_fields)
         if isinstance(failure, DataFailure):
             raise ApiError(
                 400, [{"field": "", "message": "the database refused a value of this request"}]

@@ -43,7 +43,8 @@ from typing import Any, ClassVar, cast
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-log = logging.getLogger(__name__)
+# Every line is about HTTP (its `transport` field with LOG_FORMAT=json).
+log = logging.LoggerAdapter(logging.getLogger(__name__), {"transport": "http"})
 
 LINGER_S = 5.0
 LINGER_MAX_BYTES = 64 * 1024 * 1024

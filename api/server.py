@@ -50,6 +50,7 @@ class HttpServer(Component):
                 host=settings.http_host,
                 port=settings.http_port,
                 log_level="warning",
+                log_config=None,  # uvicorn logs through the daemon's handler (LOG_FORMAT)
                 lifespan="off",
                 # Neither is used (no access log; client addresses are never looked at), and
                 # both cost CPU on every request.

@@ -29,7 +29,8 @@ from typing import Protocol, cast
 
 import mqtt5
 
-log = logging.getLogger(__name__)
+# Every line is about MQTT (its `transport` field with LOG_FORMAT=json).
+log = logging.LoggerAdapter(logging.getLogger(__name__), {"transport": "mqtt"})
 
 # PUBLISH packets held while the daemon's buffer is full, before the socket is paused: enough
 # to reach the control packets behind a few flushes' worth of messages, little memory. (Each

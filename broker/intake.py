@@ -23,6 +23,7 @@ from ingest.readings import Limits, ParsedPayload, Reading, parse_payload, whole
 from ingest.writer import Overloaded, Submission, Writer
 
 log = logging.getLogger(__name__)
+MQTT = {"transport": "mqtt"}  # what its log lines are about (LOG_FORMAT=json)
 
 
 class MqttIntake:
@@ -51,7 +52,7 @@ class MqttIntake:
             # Not acked: the broker keeps it and delivers it again after the restart.
             self._left_to_broker += 1
             if self._left_to_broker == 1:  # (once, not a line a message)
-                log.info("shutting down: messages arriving now are left to the broker")
+                log.info("shutting down: messages arriving now are left to the broker", extra=MQTT)
 
     def has_room(self) -> bool:
         return not self._writer.full
@@ -65,7 +66,11 @@ class MqttIntake:
 
         dropped = self._writer.drop_pending(stale)
         if dropped:
-            log.info("dropped %d unflushed MQTT messages; the broker redelivers them", dropped)
+            log.info(
+                "dropped %d unflushed MQTT messages; the broker redelivers them",
+                dropped,
+                extra=MQTT,
+            )
 
     def _submission(self, delivery: Delivery, now: datetime) -> Submission:
         route = parse_topic(delivery.topic)
@@ -90,7 +95,9 @@ class MqttIntake:
         self._writer.metrics.mqtt_intake_failures.inc()
         if type(error) not in self._failures_logged:  # the traceback once per kind of failure
             self._failures_logged.add(type(error))
-            log.exception("MQTT: a message on %r could not be handled", delivery.topic)
+            log.exception(
+                "MQTT: a message on %r could not be handled", delivery.topic, extra=about(delivery)
+            )
         reason = f"could not be handled (internal error {type(error).__name__}: {error})"
         return self._submit(delivery, now, [], [self._rejection(delivery, now, reason)])
 
@@ -120,3 +127,13 @@ class MqttIntake:
             tag=delivery.generation if delivery.qos > 0 else None,
             origin=delivery.topic,
         )
+
+
+def about(delivery: Delivery) -> dict[str, str]:
+    """What a log line about this message is about (LOG_FORMAT=json): MQTT, and the stream
+    and device its topic names, if it names them."""
+    topic = parse_topic(delivery.topic)
+    if isinstance(topic, str):
+        return {"transport": "mqtt"}
+    stream, device = topic
+    return {"transport": "mqtt", "stream": stream.value, "device": device}

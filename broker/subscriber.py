@@ -36,7 +36,8 @@ from broker.reasons import in_words, label
 from ingest.lifecycle import Component, Deadline
 from ingest.metrics import Metrics
 
-log = logging.getLogger(__name__)
+# Every line is about MQTT (its `transport` field with LOG_FORMAT=json).
+log = logging.LoggerAdapter(logging.getLogger(__name__), {"transport": "mqtt"})
 
 CONNECT_TIMEOUT_S = 10.0
 BACKOFF_FIRST_S = 0.5
@@ -197,14 +198,15 @@ class MqttSubscriber(Component):
         words = in_words(mqtt5.DisconnectReasonCode, code)
         if packet.reason_str:
             words += f" ({packet.reason_str})"
-        self._metrics.mqtt_disconnects.labels(label(mqtt5.DisconnectReasonCode, code)).inc()
+        cause = label(mqtt5.DisconnectReasonCode, code)
+        self._metrics.mqtt_disconnects.labels(cause).inc()
         self._set_down(f"the broker disconnected us: {words}")
         level = (
             logging.ERROR
             if code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER
             else (logging.WARNING)
         )
-        log.log(level, "MQTT %s", self.detail)
+        log.logger.log(level, "MQTT %s", self.detail, extra={"transport": "mqtt", "cause": cause})
 
     def on_protocol_error(self, connection: Connection, problem: str) -> None:
         self._metrics.mqtt_disconnects.labels("protocol_error_by_broker").inc()

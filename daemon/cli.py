@@ -20,6 +20,7 @@ import uvloop
 from broker.tls import TlsFilesError
 from daemon.app import serve
 from daemon.database import prepare_database
+from daemon.logs import configure_logging
 from daemon.provision import BrokerFiles, ProvisionError, Role, provision
 from daemon.services import ServiceError, private_services
 from db.errors import DatabaseSetupError
@@ -171,10 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"energy-ingest: {error}")
         return
     settings = settings_or_exit()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         _run(args, settings)
     except (ServiceError, TlsFilesError, WrongSchema, DatabaseSetupError) as error:

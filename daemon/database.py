@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import asyncpg
 
-from db.errors import DATABASE_ERRORS, setup_problem
+from db.errors import DATABASE_ERRORS, classify, setup_problem
 from db.partitions import prepare_schema
 from db.pool import TRANSACTION, check_schema, connect
 from db.probe import DatabaseProbe
@@ -59,13 +60,20 @@ async def _first_connection(settings: Settings, database_url: str) -> asyncpg.Co
                 raise problem from error
             if waited % DB_WAIT_LOG_EVERY_S < 1:
                 hint = POOLER_HINT if "startup parameter" in str(error) else ""
-                log.warning("waiting for PostgreSQL at %s: %s%s", _safe(database_url), error, hint)
+                log.warning(
+                    "waiting for PostgreSQL at %s: %s%s",
+                    _safe(database_url),
+                    error,
+                    hint,
+                    extra=classify(error).log_fields,
+                )
             await asyncio.sleep(1)
             waited += 1
 
 
 def _safe(url: str) -> str:
-    return url.split("@")[-1]
+    """The URL without its secrets, for the log: no user and password, no `password=`."""
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url.split("@")[-1])
 
 
 @dataclass(frozen=True, slots=True)

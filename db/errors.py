@@ -50,6 +50,11 @@ class DatabaseFailure(Exception):
         kind of error when there is none."""
         return self.sqlstate or self.detail.split(":", 1)[0]
 
+    @property
+    def log_fields(self) -> dict[str, str]:
+        """The fields of a log line about this failure (`extra=`; LOG_FORMAT=json)."""
+        return {"sqlstate": self.sqlstate, "cause": self.cause}
+
 
 class DataFailure(DatabaseFailure):
     pass

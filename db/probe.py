@@ -122,10 +122,13 @@ class DatabaseProbe:
             row = await self._conn.fetchrow(self._question, timeout=HEALTH_GIVE_UP_S)
         except TimeoutError:
             self._drop()
-            self._set(DatabaseStatus("down", f"no answer within {HEALTH_GIVE_UP_S:g} s"))
+            self._set(
+                DatabaseStatus("down", f"no answer within {HEALTH_GIVE_UP_S:g} s"),
+                {"cause": "TimeoutError"},
+            )
         except Exception as error:  # any failure here means "down", with its reason
             self._drop()
-            self._set(DatabaseStatus("down", _reason(error)))
+            self._set(DatabaseStatus("down", _reason(error)), classify(error).log_fields)
         else:
             self._set(self._judge(row))
         finally:
@@ -142,10 +145,11 @@ class DatabaseProbe:
             return DatabaseStatus("read-only", "the database is read-only (transaction_read_only)")
         return DatabaseStatus("up", "")
 
-    def _set(self, status: DatabaseStatus) -> None:
+    def _set(self, status: DatabaseStatus, fields: dict[str, str] | None = None) -> None:
         if status.state != self._last.state and self._last.detail != "not asked yet":
             which = "replica" if self._replica else "database"
-            log.info("%s %s%s", which, status.state, f": {status.detail}" if status.detail else "")
+            detail = f": {status.detail}" if status.detail else ""
+            log.info("%s %s%s", which, status.state, detail, extra=fields)
         self._last = status
 
     def _drop(self) -> None:

@@ -201,14 +201,23 @@ class Flusher:
             await self.commit([first])
             await self.commit([second])
         elif piece.reading_count == 1:
-            self._report(failure, "recording the reading as refused")
-            (position,) = [p for p, _ in piece.readings()]
+            ((position, reading),) = piece.readings()
+            about = {
+                "stream": reading.stream.value,
+                "device": reading.device_id,
+                "transport": piece.submission.transport,
+            }
+            self._report(failure, "recording the reading as refused", about)
             await self.commit([refusal_piece(piece, position, failure.detail)])
         else:  # a record PostgreSQL will not take, whatever it holds
             self._drop_records(piece, failure)
 
     def _drop_records(self, piece: Piece, failure: DataFailure) -> None:
-        log.error("a rejection record could not be written (%s): dropped", failure.detail)
+        log.error(
+            "a rejection record could not be written (%s): dropped",
+            failure.detail,
+            extra=failure.log_fields,
+        )
         self._metrics.rejections_unrecorded.inc(len(piece.records()))
         submission = piece.submission
         if piece.own_records and submission.rejections:
@@ -298,10 +307,13 @@ class Flusher:
                 backoff = self._timing.held_retry_first_s
             room()
 
-    def _report(self, failure: DatabaseFailure, doing: str) -> None:
+    def _report(
+        self, failure: DatabaseFailure, doing: str, about: dict[str, str] | None = None
+    ) -> None:
         """Log a cause once, then at most every FAILURE_LOG_EVERY_S, not at every retry."""
         key = f"{type(failure).__name__}:{failure.cause}"
         now = time.monotonic()
         if now - self._logged.get(key, -FAILURE_LOG_EVERY_S) >= FAILURE_LOG_EVERY_S:
             self._logged[key] = now
-            log.warning("PostgreSQL refused a flush (%s); %s", failure.detail, doing)
+            fields = {**failure.log_fields, **(about or {})}
+            log.warning("PostgreSQL refused a flush (%s); %s", failure.detail, doing, extra=fields)

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from db.errors import DatabaseFailure, PersistentFailure
+from db.errors import DatabaseFailure, PersistentFailure, classify
 from db.partitions import days_to_keep, upkeep
 from db.rejections import trim_rejections
 from db.rollup import FOLD_BATCH, fold
@@ -125,6 +125,7 @@ class Housekeeping(Component):
                 logging.WARNING if first else logging.DEBUG,
                 "%s (trying again with back-off)",
                 self.status.detail,
+                extra=classify(error).log_fields,
             )
             return False
         if not self.status.ok:
@@ -163,7 +164,12 @@ class Housekeeping(Component):
         except Exception as error:  # tried again at the next round; nothing is lost
             self._metrics.rollup_fold_failures.inc()
             level = logging.DEBUG if self._fold_failing else logging.WARNING
-            log.log(level, "folding the roll-ups' deltas failed (trying again): %s", error)
+            log.log(
+                level,
+                "folding the roll-ups' deltas failed (trying again): %s",
+                error,
+                extra=classify(error).log_fields,
+            )
             self._fold_failing = True
             return None
         if self._fold_failing:

@@ -285,6 +285,7 @@ class Writer(Component):
                     "not acknowledged",
                     self.held_readings,
                     failure.detail if failure else "?",
+                    extra=failure.log_fields if failure else None,
                 )
 
     async def _flush_loop(self) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make run` / `make test` need from the system and cannot get from PyPI:
 # PostgreSQL server binaries and Mosquitto (plus its clients, for trying things by hand);
-# for `make test` also PgBouncer and Chromium, for `make bench` wrk.
+# for `make test` also PgBouncer, Chromium and Prometheus (its promtool), for `make bench` wrk.
 # Skips what is present, and what DATABASE_URL / MQTT_URL make unnecessary.
 set -euo pipefail
 
@@ -25,6 +25,10 @@ fi
 # ... and Chromium (the dashboard's browser test drives it headless).
 if [ "${TESTS:-}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     need+=(chromium)
+fi
+# ... and promtool (Debian's prometheus package), which checks and tests the alerting rules.
+if [ "${TESTS:-}" = 1 ] && ! command -v promtool >/dev/null 2>&1; then
+    need+=(prometheus)
 fi
 # `make bench` also needs wrk, the HTTP load generator.
 if [ "${BENCH:-}" = 1 ] && ! command -v wrk >/dev/null 2>&1; then

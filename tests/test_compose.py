@@ -58,7 +58,7 @@ def test_daemon_environment_names_real_settings() -> None:
 def _published(service: str) -> list[tuple[int, int]]:
     pairs = []
     for port in SERVICES[service].get("ports", []):
-        host, container = str(port).split(":")
+        host, container = str(port).split(":")[-2:]  # [address:]host:container
         pairs.append((int(host), int(container)))
     return pairs
 
@@ -156,4 +156,4 @@ def test_the_brokers_health_check_logs_in_as_a_probe_that_may_do_nothing_else() 
 def test_images_name_a_version() -> None:
     for name, service in SERVICES.items():
         if "image" in service:
-            assert re.fullmatch(r"[a-z0-9./-]+:[0-9][0-9.]*", service["image"]), name
+            assert re.fullmatch(r"[a-z0-9./-]+:v?[0-9][0-9.]*", service["image"]), name
