@@ -31,6 +31,7 @@ TODAY = datetime.now(UTC).date()
 D1, D2 = TODAY - timedelta(days=4), TODAY - timedelta(days=3)  # archived at RETENTION_DAYS=2
 RECENT = TODAY - timedelta(days=1)  # still raw
 OLDEST = datetime(2000, 1, 1, tzinfo=UTC)
+RELINK = datetime(D1.year, D1.month, D1.day, 12, 30, tzinfo=UTC)  # V-2: M-C, then M-D
 
 
 def at(day: date, hours: float) -> datetime:
@@ -39,13 +40,14 @@ def at(day: date, hours: float) -> datetime:
 
 async def load(conn: asyncpg.Connection) -> None:
     """Two meters and a vehicle, a reading every 7 minutes (seconds and microseconds off the
-    hour), over D1, D2 and yesterday. The vehicle charges on M-A, then on M-B from D1 noon."""
+    hour), over D1, D2 and yesterday. V-1 charges on M-A, then on M-B from D1 noon; V-2 on
+    M-C, then on M-D from D1 12:30 (inside an hour)."""
     now = datetime.now(UTC)
     batch = FlushBatch()
     for day in (D1, D2, RECENT):
         for n in range(24 * 60 // 7):
             ts = at(day, 0) + timedelta(minutes=7 * n, seconds=13, microseconds=n * 17)
-            for meter, share in (("M-A", 1.0), ("M-B", 1.3)):
+            for meter, share in (("M-A", 1.0), ("M-B", 1.3), ("M-C", 0.7), ("M-D", 0.9)):
                 batch.rows["meter"].append((meter, ts, 0.011 * (n % 9 + 1) * share, 229.5, now))
             batch.rows["vehicle"].append(
                 ("V-1", ts, float(n % 100), 0.0093 * (n % 9 + 1), 20.0 + n % 7, now)
@@ -54,9 +56,11 @@ async def load(conn: asyncpg.Connection) -> None:
     await fold(conn, schema="public", oldest_hour=OLDEST)
     await conn.execute(
         "INSERT INTO charging_sessions (vehicle_id, meter_id, started_at, ended_at) VALUES "
-        "('V-1', 'M-A', $1, $2), ('V-1', 'M-B', $2, NULL)",
+        "('V-1', 'M-A', $1, $2), ('V-1', 'M-B', $2, NULL), "
+        "('V-2', 'M-C', $1, $3), ('V-2', 'M-D', $3, NULL)",
         at(D1, -24),
         at(D1, 12),
+        RELINK,
     )
 
 
@@ -71,8 +75,10 @@ def figures(body: dict[str, Any]) -> dict[str, Any]:
     return {**{k: body[k] for k in keys}, "readings": body["readings"], "meters": body["meters"]}
 
 
-def analytics(daemon: DaemonProcess, start: datetime, end: datetime) -> dict[str, Any]:
-    response = get(daemon, "/v1/analytics/performance/V-1", start, end)
+def analytics(
+    daemon: DaemonProcess, start: datetime, end: datetime, vehicle: str = "V-1"
+) -> dict[str, Any]:
+    response = get(daemon, f"/v1/analytics/performance/{vehicle}", start, end)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -82,7 +88,7 @@ def fleet_row(daemon: DaemonProcess, start: datetime, end: datetime) -> tuple[st
     response = get(daemon, "/v1/analytics/fleet", start, end)
     assert response.status_code == 200, response.text
     body = response.json()
-    (row,) = body["vehicles"]
+    (row,) = [v for v in body["vehicles"] if v["vehicleId"] == "V-1"]
     return body["resolution"], figures(row)
 
 
@@ -171,6 +177,7 @@ async def test_archived_days_read_from_parquet_and_roll_ups_as_before_the_drop(
             }
             fine = get(daemon, "/v1/analytics/performance/V-1/series", *CUT, bucket="15m")
             recent = analytics(daemon, at(RECENT, 1), at(RECENT, 2) + timedelta(minutes=5))
+            relinked = analytics(daemon, *ALIGNED, vehicle="V-2")
         finally:
             assert daemon.stop() == 0, daemon.log()
 
@@ -181,6 +188,12 @@ async def test_archived_days_read_from_parquet_and_roll_ups_as_before_the_drop(
         assert after["series"] == ("hour", before["series"][1])
         assert fine.status_code == 400 and fine.json()["detail"][0]["field"] == "bucket"
         assert recent["resolution"] == "reading"
+        # A relink inside an hour before the raw history: each meter's hour goes to the
+        # session holding the hour's start (12:00-13:00 to M-C's), never to both.
+        assert relinked["meters"] == [
+            meter_share(raw, "M-C", at(D1, 0), at(D1, 13)),
+            meter_share(raw, "M-D", at(D1, 13), at(D2, 0)),
+        ]
         # The rounding did change something: the windows that cut hours, read exactly.
         assert before["cut exactly"]["readings"] != before["cut"]["readings"]
 
@@ -207,6 +220,19 @@ async def test_archived_days_read_from_parquet_and_roll_ups_as_before_the_drop(
             assert abs(total - expected) <= 1e-9 * expected
     finally:
         await conn.close()
+
+
+def meter_share(
+    raw: dict[tuple[str, date], Any], meter: str, start: datetime, end: datetime
+) -> dict[str, Any]:
+    """A meter's readings in [start, end), from the rows the partitions held."""
+    lo, hi = (int(moment.timestamp()) * 1_000_000 for moment in (start, end))
+    rows = [r for day in (D1, D2) for r in raw[("meter", day)] if r[0] == meter and lo <= r[1] < hi]
+    return {
+        "meterId": meter,
+        "acConsumedKwh": round(sum(r[2] for r in rows), 6),
+        "readings": len(rows),
+    }
 
 
 async def test_a_failing_export_keeps_its_partition_counts_and_is_tried_again(
