@@ -24,6 +24,14 @@ from db.rollup import fold
 from db.tables import METER, VEHICLE, StreamTables
 from db.writes import FlushBatch, flush_batch
 
+
+def duck(sql: str) -> list[tuple[Any, ...]]:
+    """A query's rows, as DuckDB answers it."""
+    relation = duckdb.sql(sql)
+    assert relation is not None
+    return [tuple(r) for r in relation.fetchall()]
+
+
 TODAY = datetime.now(UTC).date()
 OLD_DAY = TODAY - timedelta(days=5)  # within the test template's 30 days of partitions
 OLDEST = datetime(2000, 1, 1, tzinfo=UTC)
@@ -50,7 +58,7 @@ async def history_of(conn: asyncpg.Connection, t: StreamTables, day: date) -> li
 def parquet_rows(path: Path, t: StreamTables) -> list[tuple[Any, ...]]:
     columns = ", ".join(f"epoch_us({c})" if c in ("ts", "received_at") else c for c in t.columns)
     sql = f"SELECT {columns} FROM '{path}' ORDER BY {t.id_column}, ts"
-    return [tuple(r) for r in duckdb.sql(sql).fetchall()]
+    return duck(sql)
 
 
 async def partition_exists(conn: asyncpg.Connection, name: str) -> bool:

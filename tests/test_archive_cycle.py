@@ -27,6 +27,14 @@ from db.writes import FlushBatch, flush_batch
 from tests.helpers import eventually, iso
 from tests.services import DaemonProcess
 
+
+def duck(sql: str) -> list[tuple[Any, ...]]:
+    """A query's rows, as DuckDB answers it."""
+    relation = duckdb.sql(sql)
+    assert relation is not None
+    return [tuple(r) for r in relation.fetchall()]
+
+
 TODAY = datetime.now(UTC).date()
 D1, D2 = TODAY - timedelta(days=4), TODAY - timedelta(days=3)  # archived at RETENTION_DAYS=2
 RECENT = TODAY - timedelta(days=1)  # still raw
@@ -140,7 +148,7 @@ async def test_archived_days_read_from_parquet_and_roll_ups_as_before_the_drop(
         # hours as they will be read once the raw days are gone (rounded out to whole hours).
         keeping = DaemonProcess(database_url=db_url, mqtt_url=mosquitto.url).start()
         try:
-            before = {
+            before: dict[str, Any] = {
                 "aligned": analytics(keeping, *ALIGNED),
                 "cut": analytics(keeping, floor_hour(CUT[0]), ceil_hour(CUT[1])),
                 "across": analytics(keeping, floor_hour(ACROSS[0]), ACROSS[1]),
@@ -168,7 +176,7 @@ async def test_archived_days_read_from_parquet_and_roll_ups_as_before_the_drop(
             await eventually(archived, timeout_s=60)
             assert metric(daemon, 'energy_ingest_archived_partitions_total{stream="meter"}') >= 2
             assert metric(daemon, "energy_ingest_archive_failures_total") == 0
-            after = {
+            after: dict[str, Any] = {
                 "aligned": analytics(daemon, *ALIGNED),
                 "cut": analytics(daemon, *CUT),
                 "across": analytics(daemon, *ACROSS),
@@ -203,18 +211,16 @@ async def test_archived_days_read_from_parquet_and_roll_ups_as_before_the_drop(
             for day in (D1, D2):
                 relative = f"{t.stream}/{day.isoformat()}.parquet"
                 path = archive / relative
-                rows = duckdb.sql(
+                rows = duck(
                     f"SELECT {t.id_column}, epoch_us(ts), {', '.join(t.value_columns)} "
                     f"FROM '{path}' ORDER BY {t.id_column}, ts"
-                ).fetchall()
-                assert [tuple(r) for r in rows] == raw[(t.stream, day)]
+                )
+                assert rows == raw[(t.stream, day)]
                 entry = manifest["files"][relative]
                 assert entry["rows"] == len(rows) > 0
                 assert entry["sha256"] == sha256_of(path)
             energy = "kwh_consumed_ac" if t is METER else "kwh_delivered_dc"
-            ((total,),) = duckdb.sql(
-                f"SELECT sum({energy}) FROM '{archive}/{t.stream}/*.parquet'"
-            ).fetchall()
+            ((total,),) = duck(f"SELECT sum({energy}) FROM '{archive}/{t.stream}/*.parquet'")
             column = t.value_columns.index(energy) + 2
             expected = sum(r[column] for day in (D1, D2) for r in raw[(t.stream, day)])
             assert abs(total - expected) <= 1e-9 * expected
