@@ -88,41 +88,21 @@ async def upkeep(
     wanted = days_to_keep(now, retention_days=retention_days, lookahead_days=lookahead_days)
     rollups_from = rollup_first_day(now, retention_days, rollup_retention_days)
     oldest = {table: wanted[0] if table in HISTORIES else rollups_from for table in PARTITIONED}
-    created: list[str] = []
-    dropped: list[str] = []
-    expired: list[str] = []
+    report = UpkeepReport([], [], [])
     async with conn.transaction():
         got_lock = await conn.fetchval(
             "SELECT pg_try_advisory_xact_lock(hashtext($1))", lock_key(schema, "partitions")
         )
         if not got_lock:
-            return UpkeepReport([], [])  # another daemon is at it
+            return report  # another daemon is at it
         await conn.execute("SET LOCAL lock_timeout = '5s'")
-        for table, storage in PARTITIONED.items():
-            existing = {r["relname"] for r in await conn.fetch(LIST_PARTITIONS, table)}
-            for day in wanted:
-                name = partition_name(table, day)
-                if name in existing:
-                    continue
-                await conn.execute(
-                    f'CREATE TABLE "{name}" PARTITION OF "{table}" '
-                    f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
-                    f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00'){storage}"
-                )
-                created.append(name)
-            for name in sorted(existing):
-                old = partition_day(name)
-                if old is None or old >= oldest[table]:
-                    continue
-                if archive and table in HISTORIES:  # (db.archive drops it once exported)
-                    expired.append(name)
-                else:
-                    await conn.execute(f'DROP TABLE "{name}"')
-                    dropped.append(name)
+        for table in PARTITIONED:
+            await _upkeep_table(conn, table, wanted, oldest[table], archive, report)
         await conn.execute(
             f"DELETE FROM {REJECTIONS} WHERE received_at < $1",
             now - timedelta(days=retention_days),
         )
+    created, dropped = report.created, report.dropped
     if created or dropped:
         log.info(
             "partitions: created %d (up to %s), dropped %d (%s)",
@@ -131,7 +111,39 @@ async def upkeep(
             len(dropped),
             ", ".join(dropped) or "-",
         )
-    return UpkeepReport(created, dropped, expired)
+    return report
+
+
+async def _upkeep_table(
+    conn: asyncpg.Connection,
+    table: str,
+    wanted: list[date],
+    oldest: date,
+    archive: bool,
+    report: UpkeepReport,
+) -> None:
+    """One partitioned table's days: the wanted ones created, those before `oldest` dropped
+    (or listed as expired: raw history to archive first)."""
+    existing = {r["relname"] for r in await conn.fetch(LIST_PARTITIONS, table)}
+    for day in wanted:
+        name = partition_name(table, day)
+        if name in existing:
+            continue
+        await conn.execute(
+            f'CREATE TABLE "{name}" PARTITION OF "{table}" '
+            f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
+            f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00'){PARTITIONED[table]}"
+        )
+        report.created.append(name)
+    for name in sorted(existing):
+        old = partition_day(name)
+        if old is None or old >= oldest:
+            continue
+        if archive and table in HISTORIES:  # (db.archive drops it once exported)
+            report.expired.append(name)
+        else:
+            await conn.execute(f'DROP TABLE "{name}"')
+            report.dropped.append(name)
 
 
 def rollup_first_day(now: datetime, retention_days: int, rollup_retention_days: int | None) -> date:
