@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from db.archive import ArchiveError, archive_partition, oldest_first
+from db.archive import archive_partition, oldest_first
 from db.errors import DatabaseFailure, PersistentFailure
 from db.partitions import UpkeepReport, rollup_first_day, upkeep
 from db.rejections import trim_rejections
@@ -162,7 +162,7 @@ class Housekeeping(Component):
                         partition=partition,
                         archive_dir=archive_dir,
                     )
-            except (ArchiveError, OSError, asyncpg.PostgresError) as error:
+            except Exception as error:  # ArchiveError, or the pool's: kept, tried again
                 self._metrics.archive_failures.inc()
                 log.warning("archiving %s failed, kept for the next upkeep: %s", partition, error)
                 continue
