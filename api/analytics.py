@@ -3,6 +3,7 @@ shares."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +14,8 @@ from api.body import problem
 from api.responses import JSON, ApiError
 from api.state import reads_of, runtime_of
 from db import analytics, devices
-from db.windows import Piece, pieces
+from db.partitions import raw_history_start
+from db.windows import Piece, pieces, rounded
 from ingest.config import Settings
 from ingest.readings import OUT_OF_CALENDAR, from_iso, is_device_id
 
@@ -129,8 +131,30 @@ def figures(
     }
 
 
-def pieces_of(start: datetime, end: datetime) -> list[Piece]:
-    return pieces(start, end, now=datetime.now(UTC))
+READING = "reading"  # every figure summed from the readings themselves (exact)
+HOUR = "hour"  # part of the window is older than the raw history: whole hours of roll-ups
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """How a window is read: the window as asked, as read (rounded out to whole hours before
+    the raw history kept), its pieces, and the resolution the answer says."""
+
+    start: datetime
+    end: datetime
+    raw_from: datetime
+    pieces: list[Piece]
+
+    @property
+    def resolution(self) -> str:
+        return HOUR if self.start < self.raw_from else READING
+
+
+def reading_of(start: datetime, end: datetime, settings: Settings) -> Reading:
+    now = datetime.now(UTC)
+    raw_from = raw_history_start(now, settings.retention_days)
+    lo, hi = rounded(start, end, raw_from)
+    return Reading(lo, hi, raw_from, pieces(lo, hi, now=now, raw_from=raw_from))
 
 
 @require("operator")
@@ -140,8 +164,11 @@ async def performance(request: Request) -> JSON:
     start, end = window_of(request, runtime.settings)
     if not is_device_id(vehicle_id):  # (never stored: no need to ask the database)
         raise unknown_vehicle(vehicle_id)
+    read = reading_of(start, end, runtime.settings)
     async with reads_of(request).connection(analytics=True) as conn:
-        totals = await analytics.vehicle_window(conn, vehicle_id, pieces_of(start, end), start, end)
+        totals = await analytics.vehicle_window(
+            conn, vehicle_id, read.pieces, read.start, read.end, read.raw_from
+        )
         silent = await devices.silent_meters_of(conn, [vehicle_id], runtime.settings.silent_after_s)
     if totals is None:
         raise unknown_vehicle(vehicle_id)
@@ -151,6 +178,7 @@ async def performance(request: Request) -> JSON:
         {
             "vehicleId": body.pop("vehicleId"),
             "window": {"startTime": start, "endTime": end},
+            "resolution": read.resolution,
             **body,
             "alertThreshold": threshold,
         }

@@ -24,7 +24,7 @@ from asyncpg import Record
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from api.analytics import check_window, figures, pieces_of, window_of
+from api.analytics import check_window, figures, reading_of, window_of
 from api.auth import require
 from api.body import limit_param, problem
 from api.responses import ApiError
@@ -123,15 +123,17 @@ async def fleet(request: Request) -> Response:
         start, end = window_of(request, runtime.settings)
         alert_only = _flag(query.get("alert"))
     threshold = runtime.settings.alert_efficiency_threshold
+    read = reading_of(start, end, runtime.settings)
     async with reads_of(request).connection(analytics=True) as conn:
         page = await analytics.fleet_page(
             conn,
-            pieces_of(start, end),
-            start,
-            end,
+            read.pieces,
+            read.start,
+            read.end,
             alert_below=threshold if alert_only else None,
             after=after,
             limit=limit,
+            raw_from=read.raw_from,
         )
         silent = await devices.silent_meters_of(
             conn, [r["vehicle_id"] for r in page.rows], runtime.settings.silent_after_s
@@ -145,9 +147,10 @@ async def fleet(request: Request) -> Response:
         return figures(vehicle, threshold, silent.get(vehicle.vehicle_id, []))
 
     if as_csv:
-        return _csv(page.rows, row, next_cursor, request, limit)
+        return _csv(page.rows, row, next_cursor, request, limit, read.resolution)
     fields = {
         "window": {"startTime": start, "endTime": end},
+        "resolution": read.resolution,
         "alertThreshold": threshold,
         "alertOnly": alert_only,
         "total": page.total,
@@ -179,8 +182,12 @@ def _csv(
     next_cursor: str | None,
     request: Request,
     limit: int,
+    resolution: str,
 ) -> Response:
-    headers = {"Content-Disposition": 'attachment; filename="fleet-efficiency.csv"'}
+    headers = {
+        "Content-Disposition": 'attachment; filename="fleet-efficiency.csv"',
+        "Resolution": resolution,  # (the JSON's `resolution`: reading or hour)
+    }
     if next_cursor is not None:
         link = f"{request.url.path}?format=csv&limit={limit}&cursor={next_cursor}"
         headers["Link"] = f'<{link}>; rel="next"'

@@ -4,6 +4,7 @@ from these (and from the reading models of `ingest.readings`), never written by 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,6 +90,15 @@ class Window(_Body):
     end_time: datetime = Field(alias="endTime")
 
 
+Resolution = Literal["reading", "hour"]
+RESOLUTION = (
+    "reading: every figure summed from the readings themselves, exactly over the window; "
+    "hour: the window starts before the raw history kept (RETENTION_DAYS), and its part "
+    "before it is summed from the hourly roll-ups, rounded out to whole hours (README, "
+    "Storage)"
+)
+
+
 class MeterShare(_Body):
     meter_id: str = Field(alias="meterId")
     ac_consumed_kwh: float = Field(alias="acConsumedKwh")
@@ -114,6 +124,7 @@ class SilentMeter(_Body):
 class Performance(_Body):
     vehicle_id: str = Field(alias="vehicleId")
     window: Window
+    resolution: Resolution = Field(description=RESOLUTION)
     total_ac_consumed_kwh: float = Field(alias="totalAcConsumedKwh")
     total_dc_delivered_kwh: float = Field(alias="totalDcDeliveredKwh")
     efficiency_ratio: float | None = Field(
@@ -271,6 +282,7 @@ class SilentDevicePage(_Body):
 
 class FleetPage(_Body):
     window: Window
+    resolution: Resolution = Field(description=RESOLUTION)
     alert_threshold: float = Field(alias="alertThreshold")
     alert_only: bool = Field(alias="alertOnly")
     total: int = Field(description="vehicles in the listing, over every page")
@@ -291,5 +303,8 @@ class SeriesBucket(_Body):
 class Series(_Body):
     vehicle_id: str = Field(alias="vehicleId")
     window: Window
+    resolution: Resolution = Field(
+        description=RESOLUTION + "; 15m buckets are not answered before the raw history"
+    )
     bucket: str
     series: list[SeriesBucket]

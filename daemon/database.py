@@ -37,6 +37,8 @@ async def prepare_database(settings: Settings, database_url: str) -> None:
             schema=settings.db_schema,
             retention_days=settings.retention_days,
             lookahead_days=settings.partition_lookahead_days,
+            rollup_retention_days=settings.rollup_retention_days,
+            archive=settings.archive_dir is not None,  # (housekeeping exports, then drops)
         )
         if settings.db_pooler == TRANSACTION:
             await check_schema(conn, settings.db_schema)

@@ -21,7 +21,7 @@ proportion to the page, not to the fleet.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg
@@ -40,9 +40,11 @@ CLAMP = "1e300"
 # sessions of the window however many a vehicle had before.
 OVERLAPS = "tstzrange({alias}started_at, {alias}ended_at) && tstzrange($1, $2)"
 
-# Window start and end are $1 and $2; each piece's bounds follow ($3, $4, ...); the vehicle,
-# for one vehicle's figures, comes last.
-FIRST_PIECE_PARAM = 3
+# Window start and end are $1 and $2, where the raw history kept begins $3; each piece's
+# bounds follow ($4, $5, ...); the vehicle, for one vehicle's figures, comes last.
+FIRST_PIECE_PARAM = 4
+# No raw history dropped yet (a caller that does not say): every reading is there.
+NO_LIMIT = datetime(1, 1, 1, tzinfo=UTC)
 
 
 async def read(
@@ -74,6 +76,13 @@ def ceil_hour_sql(column: str) -> str:
     return f"{floor} + CASE WHEN {floor} < {column} THEN interval '1 hour' ELSE interval '0' END"
 
 
+def snapped_sql(column: str) -> str:
+    """A session's bound (clipped to the window) as it can be read: itself from the raw
+    history's start ($3) on; before it, the next whole hour. So each hour of a meter before
+    the raw history goes to the session that holds the hour's start, never to two."""
+    return f"CASE WHEN {column} < $3 THEN {ceil_hour_sql(column)} ELSE {column} END"
+
+
 def _parts(window: list[Piece], branches: dict[str, str]) -> str:
     """One branch of UNION ALL per piece, its bounds as parameters (so that PostgreSQL
     prunes partitions and plans each range for what it is) and its sign in the text."""
@@ -102,8 +111,8 @@ meter_window AS (
     ) parts (meter_id, kwh, n, unused) GROUP BY meter_id
 ),
 iv AS (
-    SELECT s.vehicle_id, s.meter_id,
-           greatest(s.started_at, $1) AS a, least(coalesce(s.ended_at, 'infinity'), $2) AS b,
+    SELECT s.vehicle_id, s.meter_id, {snapped_sql("greatest(s.started_at, $1)")} AS a,
+           {snapped_sql("least(coalesce(s.ended_at, 'infinity'), $2)")} AS b,
            s.started_at <= $1 AND (s.ended_at IS NULL OR s.ended_at >= $2) AS whole
     FROM {SESSIONS} s
     WHERE {OVERLAPS.format(alias="s.")} {vehicle.format(alias="s")}
@@ -313,8 +322,11 @@ def vehicle_of(record: asyncpg.Record, offset: int = 0) -> VehicleWindow:
     )
 
 
-def _args(window: list[Piece], start: datetime, end: datetime) -> list[Any]:
-    return [start, end, *(bound for p in window for bound in (p.lo, p.hi))]
+def _args(
+    window: list[Piece], start: datetime, end: datetime, raw_from: datetime | None = None
+) -> list[Any]:
+    bounds = (bound for p in window for bound in (p.lo, p.hi))
+    return [start, end, raw_from or NO_LIMIT, *bounds]
 
 
 async def vehicle_window(
@@ -323,10 +335,12 @@ async def vehicle_window(
     window: list[Piece],
     start: datetime,
     end: datetime,
+    raw_from: datetime | None = None,
 ) -> VehicleWindow | None:
-    """The vehicle's totals over [start, end), or None for a vehicle never seen."""
+    """The vehicle's totals over [start, end), or None for a vehicle never seen. Before
+    `raw_from`, the window and the pieces must be `db.windows.rounded` (whole hours)."""
     sql = vehicle_sql(window)
-    (record,) = await read(conn, sql, *_args(window, start, end), vehicle_id)
+    (record,) = await read(conn, sql, *_args(window, start, end, raw_from), vehicle_id)
     if not record["known"]:
         return None
     if record["vehicle_id"] is None:
@@ -360,12 +374,13 @@ async def fleet_page(
     alert_below: float | None,
     after: SortKey,
     limit: int,
+    raw_from: datetime | None = None,
 ) -> FleetPage:
     """The vehicles with readings in [start, end), of their own or of a meter linked to them,
     worst first, after `after`: at most `limit`. With `alert_below`, only those under it."""
     sql = fleet_sql(window)
     alert = alert_below is not None
-    args = [*_args(window, start, end), alert, alert_below or 0.0, *after, limit + 1]
+    args = [*_args(window, start, end, raw_from), alert, alert_below or 0.0, *after, limit + 1]
     # PostgreSQL's own choice of plan: the fleet's statement is planned in a millisecond of
     # hundreds, and its best plan (parallel or not) depends on the window's size.
     records = await read(conn, sql, *args, plan="auto")

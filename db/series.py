@@ -4,6 +4,10 @@ Hour and day buckets add up the hourly roll-ups of the whole hours inside the wi
 for AC, inside each session linking a meter to the vehicle) and the raw readings of the
 partial hours at their edges; 15-minute buckets are finer than the roll-ups and read the raw
 readings. A bucket's last SoC is that of its newest reading.
+
+A window that starts before the raw history kept is read from the roll-ups alone before it
+(`db.windows.rounded`: whole hours; sessions' bounds to the next hour, `$5`); 15-minute buckets
+need the raw readings, and are not answered there.
 """
 
 from __future__ import annotations
@@ -13,14 +17,19 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from db.analytics import CLAMP, ceil_hour_sql, read
+from db.analytics import CLAMP, NO_LIMIT, ceil_hour_sql, read
 from db.tables import METER, SESSIONS, VEHICLE
 
 BUCKETS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"  # a UTC midnight: buckets align to the clock
 
 
-# Parameters: $1 vehicle, $2 start, $3 end, $4 bucket width.
+def _snapped(column: str) -> str:
+    """As `db.analytics.snapped_sql`, with the raw history's start in $5."""
+    return f"CASE WHEN {column} < $5 THEN {ceil_hour_sql(column)} ELSE {column} END"
+
+
+# Parameters: $1 vehicle, $2 start, $3 end, $4 bucket width, $5 the raw history's start.
 _ROLLED_UP = f"""
 WITH bounds AS (
     SELECT {ceil_hour_sql("$2")} AS hs, date_trunc('hour', $3, 'UTC') AS he
@@ -43,8 +52,8 @@ dc AS (
     WHERE v.vehicle_id = $1 AND v.ts >= greatest(bounds.he, bounds.hs, $2) AND v.ts < $3
 ),
 iv AS (
-    SELECT s.meter_id, greatest(s.started_at, $2) AS a,
-           least(coalesce(s.ended_at, 'infinity'), $3) AS b
+    SELECT s.meter_id, {_snapped("greatest(s.started_at, $2)")} AS a,
+           {_snapped("least(coalesce(s.ended_at, 'infinity'), $3)")} AS b
     FROM {SESSIONS} s
     WHERE s.vehicle_id = $1 AND tstzrange(s.started_at, s.ended_at) && tstzrange($2, $3)
 ),
@@ -99,6 +108,7 @@ LEFT JOIN (SELECT bucket, sum(kwh) AS kwh, sum(n)::bigint AS n FROM ac GROUP BY 
     USING (bucket)
 ORDER BY b.bucket"""
 
+ROLLED_UP = ("1h", "1d")  # the buckets read from the roll-ups
 SERIES = {
     "15m": _RAW + _BUCKETED.format(origin=ORIGIN),
     "1h": _ROLLED_UP + _BUCKETED.format(origin=ORIGIN),
@@ -118,9 +128,18 @@ class Bucket:
 
 
 async def vehicle_series(
-    conn: asyncpg.Connection, vehicle_id: str, start: datetime, end: datetime, bucket: str
+    conn: asyncpg.Connection,
+    vehicle_id: str,
+    start: datetime,
+    end: datetime,
+    bucket: str,
+    raw_from: datetime | None = None,
 ) -> list[Bucket]:
-    rows = await read(conn, SERIES[bucket], vehicle_id, start, end, BUCKETS[bucket])
+    """Before `raw_from`, the window must be `db.windows.rounded` and the bucket 1h or 1d."""
+    args = [vehicle_id, start, end, BUCKETS[bucket]]
+    if bucket in ROLLED_UP:
+        args.append(raw_from or NO_LIMIT)
+    rows = await read(conn, SERIES[bucket], *args)
     out = []
     for r in rows:
         vehicle_n = int(r["vehicle_readings"] or 0)

@@ -58,6 +58,7 @@ PARTITIONED = {
     METER.hourly: " WITH (fillfactor = 70)",
     VEHICLE.hourly: " WITH (fillfactor = 70)",
 }
+HISTORIES = (METER.history, VEHICLE.history)  # the raw day partitions (the rest: roll-ups)
 REJECTIONS = "rejections"
 MIGRATIONS = "schema_migrations"  # the ledger of applied migrations (db/migrate.py)
 SESSIONS = "charging_sessions"

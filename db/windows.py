@@ -10,6 +10,11 @@ plus the raw rows they do not cover.
 
 The sum over the pieces, each with its sign, is exactly the sum over the readings in
 [start, end): `tests/test_windows.py` checks that for any window and any readings.
+
+Before the raw history kept (`raw_from`, a UTC midnight: RETENTION_DAYS), only the roll-ups
+are left: a window starting there is read at hour resolution, rounded out to whole hours
+(`rounded`): from the start of its first hour, and, when it ends before `raw_from` too,
+through the end of its last; the part from `raw_from` on is read exactly, as any window.
 """
 
 from __future__ import annotations
@@ -41,11 +46,28 @@ def ceil_hour(t: datetime) -> datetime:
     return floor if floor == t else floor + HOUR
 
 
-def pieces(start: datetime, end: datetime, *, now: datetime) -> list[Piece]:
+def rounded(start: datetime, end: datetime, raw_from: datetime | None) -> tuple[datetime, datetime]:
+    """The window as it can be read: itself, or, when it starts before the raw history kept,
+    rounded out to whole hours in the part before it."""
+    if raw_from is None or start >= raw_from:
+        return start, end
+    return floor_hour(start), end if end > raw_from else ceil_hour(end)
+
+
+def pieces(
+    start: datetime, end: datetime, *, now: datetime, raw_from: datetime | None = None
+) -> list[Piece]:
     """Pieces whose signed sum is [start, end). Raw pieces past `now` cost nothing (no
-    reading is there yet, but a few from clocks ahead), which decides a window ending now."""
+    reading is there yet, but a few from clocks ahead), which decides a window ending now.
+    With `raw_from` (an hour's start), nothing before it is read raw: the window is
+    `rounded`, its part before `raw_from` one hourly piece."""
     if start >= end:
         return []
+    if raw_from is not None and start < raw_from:
+        start, end = rounded(start, end, raw_from)
+        if end <= raw_from:
+            return [Piece(HOURLY, start, end, 1)]
+        return _merged([Piece(HOURLY, start, raw_from, 1), *pieces(raw_from, end, now=now)])
     start, end = start.astimezone(UTC), end.astimezone(UTC)
     first_full, last_full = ceil_hour(start), floor_hour(end)
     if first_full > last_full:  # both in one hour that neither touches at its start

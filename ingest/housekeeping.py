@@ -17,6 +17,12 @@ read the deltas meanwhile, so their figures stay whole. A failed fold loses noth
 
 Trimming the rejections is tried every TRIM_EVERY_S while rejections were written, until it
 succeeds.
+
+With ARCHIVE_DIR, upkeep leaves the raw partitions past retention in place, and each is then
+exported to Parquet, verified and dropped (`db.archive`), oldest first, on the control pool,
+at start and after every upkeep. A partition that fails is kept (logged, counted in
+`energy_ingest_archive_failures_total`) and tried again after the next upkeep; /health is not
+affected (ingestion is not: a kept partition only holds disk).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from db.archive import archive_partition, oldest_first
 from db.errors import DatabaseFailure, PersistentFailure, classify
-from db.partitions import days_to_keep, upkeep
+from db.partitions import UpkeepReport, rollup_first_day, upkeep
 from db.rejections import trim_rejections
 from db.rollup import FOLD_BATCH, fold
 from ingest.config import Settings
@@ -48,13 +55,15 @@ TRIM_EVERY_S = 1.0
 FOLD_DEFER_MAX_S = 30.0
 
 
-async def run_upkeep(conn: asyncpg.Connection, settings: Settings) -> None:
-    await upkeep(
+async def run_upkeep(conn: asyncpg.Connection, settings: Settings) -> UpkeepReport:
+    return await upkeep(
         conn,
         schema=settings.db_schema,
         now=datetime.now(UTC),
         retention_days=settings.retention_days,
         lookahead_days=settings.partition_lookahead_days,
+        rollup_retention_days=settings.rollup_retention_days,
+        archive=settings.archive_dir is not None,
     )
 
 
@@ -92,7 +101,8 @@ class Housekeeping(Component):
         await asyncio.gather(self._partitions(), self._folds(), self._rejection_bound())
 
     async def _partitions(self) -> None:
-        wait_s = float(self._settings.upkeep_interval_s)
+        # With an archive, a first round at once: what the start-up's upkeep left to export.
+        wait_s = 0.0 if self._settings.archive_dir else float(self._settings.upkeep_interval_s)
         retry_s = UPKEEP_RETRY_FIRST_S
         while True:
             woken = False
@@ -113,7 +123,7 @@ class Housekeeping(Component):
         """One run of partition upkeep; False if it failed (the status says why)."""
         try:
             async with self._pool.acquire() as conn:
-                await run_upkeep(conn, self._settings)
+                report = await run_upkeep(conn, self._settings)
         except Exception as error:  # the next round tries again; writes go on meanwhile
             self._metrics.upkeep_failures.inc()
             first = self.status.ok
@@ -133,7 +143,44 @@ class Housekeeping(Component):
         self.status = UpkeepStatus()
         self._metrics.upkeep_last_success.set(time.time())
         self._writer.retry_held_now()
+        if report.expired:
+            await self.archive_once(report.expired)
         return True
+
+    async def archive_once(self, partitions: list[str]) -> int:
+        """Export, verify and drop each partition, oldest first; how many were archived.
+        One that fails is kept, and the next (of another day or stream) is tried."""
+        archive_dir = self._settings.archive_dir
+        assert archive_dir is not None
+        archived = 0
+        for partition in oldest_first(partitions):
+            started = time.monotonic()
+            try:
+                async with self._pool.acquire() as conn:
+                    done = await archive_partition(
+                        conn,
+                        schema=self._settings.db_schema,
+                        partition=partition,
+                        archive_dir=archive_dir,
+                    )
+            except Exception as error:  # ArchiveError, or the pool's: kept, tried again
+                self._metrics.archive_failures.inc()
+                log.warning("archiving %s failed, kept for the next upkeep: %s", partition, error)
+                continue
+            if done is None:  # another daemon is archiving, or it is gone already
+                continue
+            archived += 1
+            self._metrics.archived_partitions.labels(done.stream).inc()
+            log.info(
+                "archived %s to %s: %d rows, %.6f kWh, %d bytes, %.1f s; partition dropped",
+                partition,
+                done.path,
+                done.rows,
+                done.kwh,
+                done.bytes,
+                time.monotonic() - started,
+            )
+        return archived
 
     async def _folds(self) -> None:
         folded_at = time.monotonic()
@@ -149,11 +196,9 @@ class Housekeeping(Component):
     async def fold_once(self) -> int | None:
         """Fold what deltas wait into the roll-ups; how many moved (None: it failed)."""
         now = datetime.now(UTC)
-        oldest = days_to_keep(
-            now,
-            retention_days=self._settings.retention_days,
-            lookahead_days=self._settings.partition_lookahead_days,
-        )[0]
+        oldest = rollup_first_day(
+            now, self._settings.retention_days, self._settings.rollup_retention_days
+        )
         try:
             async with self._pool.acquire() as conn:
                 moved = await fold(

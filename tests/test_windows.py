@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from db.windows import HOUR, HOURLY, RAW, Piece, floor_hour, pieces
+from db.windows import HOUR, HOURLY, RAW, Piece, ceil_hour, floor_hour, pieces, rounded
 
 BASE = datetime(2026, 11, 25, tzinfo=UTC)
 moments = st.integers(min_value=0, max_value=3 * 24 * 3600 * 1000).map(
@@ -64,3 +64,29 @@ def test_a_window_ending_now_reads_its_last_hour_from_the_roll_up() -> None:
         (min(p.hi, now) - p.lo for p in window if p.kind == RAW and p.lo < now), timedelta(0)
     )
     assert read == timedelta(minutes=10)  # 12:50 yesterday to 13:00: the start edge only
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=moments,
+    length=st.integers(1, 40 * 3600 * 1000),
+    days=st.integers(0, 3),
+    readings=st.lists(moments, max_size=60),
+)
+def test_before_the_raw_history_a_window_is_read_in_whole_hours_rounded_out(
+    start: datetime, length: int, days: int, readings: list[datetime]
+) -> None:
+    """Nothing before `raw_from` is read raw; the pieces hold exactly the readings of the
+    window rounded out to whole hours before `raw_from`, and exactly those of the window
+    from it on."""
+    end = start + timedelta(milliseconds=length)
+    raw_from = BASE + timedelta(days=days)
+    window = pieces(start, end, now=end + HOUR, raw_from=raw_from)
+    lo, hi = rounded(start, end, raw_from)
+    if start >= raw_from:
+        assert (lo, hi) == (start, end)
+    else:
+        assert lo == floor_hour(start) and hi == (end if end > raw_from else ceil_hour(end))
+    assert all(p.lo >= raw_from for p in window if p.kind == RAW)
+    for ts in [*readings, start, end, lo, hi - timedelta(microseconds=1)]:
+        assert in_pieces(ts, window) == (1 if lo <= ts < hi else 0), (ts, window)
