@@ -9,15 +9,13 @@ counts the span back from the database's clock at the time it is read.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from datetime import datetime
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 
+from api import cursors
 from api.auth import require
 from api.body import limit_param, problem
 from api.responses import JSON, ApiError
@@ -59,12 +57,12 @@ def _streams(raw: str | None) -> tuple[str, ...]:
 def encode_cursor(seconds: int, streams: tuple[str, ...], after: devices.SilentKey) -> str:
     ts, stream, device_id = after
     state = {"silentFor": seconds, "streams": streams, "after": [ts.isoformat(), stream, device_id]}
-    return base64.urlsafe_b64encode(orjson.dumps(state)).decode().rstrip("=")
+    return cursors.encode(state)
 
 
 def decode_cursor(raw: str) -> tuple[int, tuple[str, ...], devices.SilentKey]:
     try:
-        state = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        state = cursors.decode(raw)
         seconds, streams = state["silentFor"], tuple(state["streams"])
         ts_text, stream, device_id = state["after"]
         ts = datetime.fromisoformat(ts_text)
@@ -78,8 +76,8 @@ def decode_cursor(raw: str) -> tuple[int, tuple[str, ...], devices.SilentKey]:
             or ts.tzinfo is None
         ):
             raise ValueError("cursor fields")
-    except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise _bad("cursor", "not a cursor this route gave (use `next` as it came)") from None
+    except cursors.FORGED:
+        raise cursors.refused() from None
     return seconds, streams, (ts, stream, device_id)
 
 

@@ -13,17 +13,15 @@ them (`api.streaming`): a page of 10,000 vehicles never holds the loop.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from asyncpg import Record
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from api import cursors
 from api.analytics import check_window, figures, reading_of, window_of
 from api.auth import require
 from api.body import limit_param, problem
@@ -63,12 +61,12 @@ def _flag(raw: str | None) -> bool:
 
 def encode_cursor(start: datetime, end: datetime, alert: bool, after: analytics.SortKey) -> str:
     state = {"start": start.isoformat(), "end": end.isoformat(), "alert": alert, "after": after}
-    return base64.urlsafe_b64encode(orjson.dumps(state)).decode().rstrip("=")
+    return cursors.encode(state)
 
 
 def decode_cursor(raw: str) -> tuple[datetime, datetime, bool, analytics.SortKey]:
     try:
-        state = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        state = cursors.decode(raw)
         start = datetime.fromisoformat(state["start"])
         end = datetime.fromisoformat(state["end"])
         group, ratio, vehicle = state["after"]
@@ -85,15 +83,8 @@ def decode_cursor(raw: str) -> tuple[datetime, datetime, bool, analytics.SortKey
         ):
             raise ValueError("cursor fields")
         start.astimezone(UTC), end.astimezone(UTC)  # (within the calendar once in UTC)
-    except (
-        binascii.Error,
-        orjson.JSONDecodeError,
-        KeyError,
-        TypeError,
-        ValueError,
-        OverflowError,
-    ):
-        raise _bad("cursor", "not a cursor this route gave (use `next` as it came)") from None
+    except cursors.FORGED:
+        raise cursors.refused() from None
     return start, end, state["alert"], (group, float(ratio), vehicle)
 
 
@@ -118,7 +109,7 @@ async def fleet(request: Request) -> Response:
         try:  # (a cursor this route gave keeps the rules; one made up must too)
             check_window(start, end, runtime.settings)
         except ApiError:
-            raise _bad("cursor", "not a cursor this route gave (use `next` as it came)") from None
+            raise cursors.refused() from None
     else:
         start, end = window_of(request, runtime.settings)
         alert_only = _flag(query.get("alert"))

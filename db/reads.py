@@ -23,22 +23,22 @@ ORDER BY id DESC
 LIMIT $3"""
 
 
-# Devices whose newest reading arrived lately (the hot tables have no index on received_at,
-# on purpose: it would end their HOT updates; a scan of one row per device is cheap), the
-# rejections of the last hour, counted up to a bound, and the silent devices (`db.devices`).
+# Devices whose newest reading arrived lately and devices silent (`db.devices`), counted in
+# one scan of each hot table (they have no index on received_at or ts, on purpose: it would
+# end their HOT updates; a scan of one row per device is cheap), and the rejections of the
+# last hour, counted up to a bound.
+_LATEST_COUNTS = """(SELECT count(*) FILTER (WHERE received_at > now() - make_interval(secs => $1))
+            AS seen,
+        count(*) FILTER (WHERE ts < now() - make_interval(secs => $4)) AS silent
+     FROM {latest})"""
 OVERVIEW = f"""
-SELECT now() AS at,
-    (SELECT count(*) FROM {METER.latest}
-     WHERE received_at > now() - make_interval(secs => $1)) AS meters,
-    (SELECT count(*) FROM {VEHICLE.latest}
-     WHERE received_at > now() - make_interval(secs => $1)) AS vehicles,
+SELECT now() AS at, m.seen AS meters, v.seen AS vehicles,
     (SELECT count(*) FROM (
         SELECT FROM {REJECTIONS} WHERE received_at > now() - make_interval(secs => $2) LIMIT $3
      ) recent) AS rejections,
-    (SELECT count(*) FROM {METER.latest}
-     WHERE ts < now() - make_interval(secs => $4)) AS silent_meters,
-    (SELECT count(*) FROM {VEHICLE.latest}
-     WHERE ts < now() - make_interval(secs => $4)) AS silent_vehicles"""
+    m.silent AS silent_meters, v.silent AS silent_vehicles
+FROM {_LATEST_COUNTS.format(latest=METER.latest)} m,
+     {_LATEST_COUNTS.format(latest=VEHICLE.latest)} v"""
 
 
 async def overview(
