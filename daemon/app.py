@@ -67,6 +67,7 @@ async def serve(
         pools = await stack.enter_async_context(database_pools(settings, urls.database_url))
         probes = await stack.enter_async_context(database_probes(settings, urls.database_url))
         metrics = Metrics()
+        metrics.watch_replica(probes.replica_status)
         await stack.enter_async_context(LoopWatch(metrics))
         # (What the shutdown leaves after the writer's commit: the PUBACKs, closing the pools.)
         deadline = Deadline(max(0.0, settings.shutdown_timeout_s - POOL_CLOSE_S))
@@ -133,7 +134,7 @@ def _http(
         broker_status=lambda: BrokerStatus(subscriber.ready, subscriber.detail),
         upkeep_status=lambda: housekeeping.status,
         database_status=lambda: probes.primary.status,
-        replica_status=lambda: probes.replica.status if probes.replica else None,
+        replica_status=probes.replica_status,
     )
     return HttpServer(create_app(runtime), settings, metrics)
 

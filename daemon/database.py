@@ -16,7 +16,7 @@ import asyncpg
 from db.errors import DATABASE_ERRORS, classify, setup_problem
 from db.partitions import prepare_schema
 from db.pool import TRANSACTION, check_schema, connect
-from db.probe import DatabaseProbe
+from db.probe import DatabaseProbe, DatabaseStatus
 from ingest.config import Settings
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,10 @@ def _safe(url: str) -> str:
 class Probes:
     primary: DatabaseProbe
     replica: DatabaseProbe | None
+
+    def replica_status(self) -> DatabaseStatus | None:
+        """The replica's last answer; None when reads go to the primary."""
+        return self.replica.status if self.replica is not None else None
 
 
 @contextlib.asynccontextmanager

@@ -39,15 +39,18 @@ SELECT pg_is_in_recovery() AS standby,
        current_setting('transaction_read_only') = 'on' AS read_only,
        NULL::float8 AS lag_s, NULL::text AS receiving"""
 # Replay lag: how old the newest transaction replayed is, while WAL received is still to be
-# replayed (0 when replay has caught up with what arrived).
+# replayed, or while no WAL is received (the primary's newer work cannot be known then); 0
+# when replay has caught up with a stream that flows.
 REPLICA_QUESTION = """
 SELECT pg_is_in_recovery() AS standby, true AS read_only,
-       CASE WHEN NOT pg_is_in_recovery()
-              OR pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()
-            THEN 0
-            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
+       CASE WHEN NOT pg_is_in_recovery() THEN 0
+            WHEN receiving IS DISTINCT FROM 'streaming'
+              OR pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
+            THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
+            ELSE 0
        END AS lag_s,
-       (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS receiving"""
+       receiving
+FROM (SELECT (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS receiving) AS receiver"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from db.probe import DatabaseStatus
+
 LAG_BUCKETS_S = (
     0.005,
     0.01,
@@ -109,6 +111,34 @@ class _HttpConnections(Collector):
         )
 
 
+class _Replica(Collector):
+    """The streaming replica of DATABASE_READ_URL, as its health probe last found it. The
+    families are declared without a sample when reads go to the primary."""
+
+    def __init__(self, status: Callable[[], DatabaseStatus | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "energy_ingest_replica_up",
+            "1 while the streaming replica of DATABASE_READ_URL answers its health probe, 0 "
+            "while it does not (no sample when reads go to the primary)",
+        )
+        lag = GaugeMetricFamily(
+            "energy_ingest_replica_lag_seconds",
+            "How old the newest transaction the replica has replayed is, while it has more "
+            "to replay or receives no WAL (0 when caught up); no sample while it does not "
+            "answer",
+        )
+        status = self._status()
+        if status is not None:
+            up.add_metric([], 1 if status.ok else 0)
+            if status.ok and status.lag_s is not None:
+                lag.add_metric([], status.lag_s)
+        yield up
+        yield lag
+
+
 class RecentRate:
     """Events per second over the last `span_s` whole seconds (the second under way is not
     counted yet): the dashboard's "readings per second now". Prometheus users take the
@@ -160,6 +190,11 @@ class Metrics:
         self.buffer_depth = Gauge(
             "energy_ingest_buffer_depth",
             "Readings held in memory, waiting or being written",
+            registry=r,
+        )
+        self.buffer_max = Gauge(
+            "energy_ingest_buffer_max_readings",
+            "BUFFER_MAX_READINGS: at this depth MQTT stops reading and HTTP answers 503",
             registry=r,
         )
         self.flush_size = Histogram(
@@ -357,6 +392,10 @@ class Metrics:
     def watch_http(self, limits: HttpCounts) -> None:
         """The HTTP server's connection counts, read when scraped."""
         self.registry.register(_HttpConnections(limits))
+
+    def watch_replica(self, status: Callable[[], DatabaseStatus | None]) -> None:
+        """The replica's health and replay lag, read from its probe when scraped."""
+        self.registry.register(_Replica(status))
 
     def rejected(self, stream: str, transport: str, count: int = 1) -> None:
         self.readings.labels("rejected", stream, transport).inc(count)

@@ -88,6 +88,7 @@ class Writer(Component):
         self.metrics = metrics or Metrics()
         self.metrics.database_up.set_function(lambda: 1 if self.database_ok else 0)
         self.metrics.buffer_depth.set_function(lambda: self.depth)
+        self.metrics.buffer_max.set(buffer_max_readings)
         self.metrics.held_readings.set_function(lambda: self.held_readings)
         self.room_listeners: list[Callable[[], None]] = []
         # Told of every failure that is the database's (the daemon runs partition upkeep).

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.services import EmbeddedMosquitto, EmbeddedPostgres
 from tests.conftest import fresh_database
@@ -277,6 +278,17 @@ async def test_a_read_only_node_holds_readings_and_never_rejects_them(
         assert daemon.stop() == 0, daemon.log()
 
 
+def replica_gauges(daemon: DaemonProcess) -> dict[str, float]:
+    """The replica's samples in the daemon's /metrics."""
+    text = httpx.get(daemon.base_url + "/metrics", timeout=5).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("energy_ingest_replica_")
+        for sample in family.samples
+    }
+
+
 async def test_reads_go_to_the_replica_and_its_lag_is_reported(
     mosquitto: EmbeddedMosquitto,
 ) -> None:
@@ -324,6 +336,9 @@ async def test_reads_go_to_the_replica_and_its_lag_is_reported(
             lagged = await eventually(lagging, timeout_s=30)
             overview = daemon.get("/v1/overview").json()
             assert overview["replica"]["lagSeconds"] >= 1.0
+            scraped = replica_gauges(daemon)
+            assert scraped["energy_ingest_replica_up"] == 1.0
+            assert scraped["energy_ingest_replica_lag_seconds"] >= 1.0
             assert daemon.get(f"/v1/status/meter/{meter}").json()["kwhConsumedAc"] == 1.0
 
             await standby.execute("SELECT pg_wal_replay_resume()")
@@ -335,6 +350,35 @@ async def test_reads_go_to_the_replica_and_its_lag_is_reported(
 
             await eventually(caught_up, timeout_s=30)
             assert lagged["replica"]["state"] == "up"
+            assert replica_gauges(daemon)["energy_ingest_replica_lag_seconds"] < 1.0
+
+            # Cut off from its primary, the replica has nothing left to replay: its lag is
+            # then the age of what it last replayed, not 0.
+            await standby.execute("ALTER SYSTEM SET primary_conninfo = ''")
+            await standby.execute("SELECT pg_reload_conf()")
+
+            async def cut_off() -> dict[str, float] | None:
+                scraped = replica_gauges(daemon)
+                lag = scraped.get("energy_ingest_replica_lag_seconds", 0.0)
+                return scraped if lag >= 2.0 else None
+
+            assert (await eventually(cut_off, timeout_s=30))["energy_ingest_replica_up"] == 1.0
+
+            await standby.close()
+            pair.standby.stop()  # (the primary stays: ingestion goes on)
+
+            async def replica_down() -> dict[str, float] | None:
+                scraped = replica_gauges(daemon)
+                return scraped if scraped.get("energy_ingest_replica_up") == 0.0 else None
+
+            down = await eventually(replica_down, timeout_s=30)
+            assert "energy_ingest_replica_lag_seconds" not in down
+            post = httpx.post(
+                daemon.base_url + "/v1/ingestion/meter",
+                content=meter_json(meter, minutes_ago(0.5), kwh=3.0),
+                timeout=10,
+            )
+            assert post.status_code == 201
         finally:
             await standby.close()
             assert daemon.stop() == 0, daemon.log()

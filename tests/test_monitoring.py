@@ -16,7 +16,10 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
+from db.probe import DatabaseStatus
 from ingest.metrics import Metrics
 from tests.services import REPO
 from tests.test_compose import DAEMONS, SERVICES
@@ -102,6 +105,7 @@ def exported_metrics() -> tuple[set[str], set[str]]:
     """The families of a daemon's registry, and the names of the samples they expose."""
     metrics = Metrics()
     metrics.watch_http(SimpleNamespace(open=set(), evicted=0, timed_out=0))  # at start
+    metrics.watch_replica(lambda: None)  # (declared, with no sample, without a replica)
     families, samples = set(), set()
     for family in metrics.registry.collect():
         families.add(family.name)
@@ -224,3 +228,29 @@ def test_grafana_reads_prometheus_and_the_dashboards_of_the_repository() -> None
             assert panel["targets"], panel["title"]
     password = SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
     assert password == "${GRAFANA_ADMIN_PASSWORD}"
+
+
+def replica_samples(status: DatabaseStatus | None) -> dict[str, float]:
+    metrics = Metrics()
+    metrics.watch_replica(lambda: status)
+    return {
+        sample.name: sample.value
+        for family in metrics.registry.collect()
+        if family.name.startswith("energy_ingest_replica_")
+        for sample in family.samples
+    }
+
+
+@given(
+    state=st.sampled_from(["up", "busy", "down", "read-only"]),
+    lag=st.none() | st.floats(min_value=0, max_value=1e9, allow_nan=False),
+)
+def test_the_replica_is_exported_as_its_probe_last_found_it(state: str, lag: float | None) -> None:
+    assert replica_samples(None) == {}  # reads go to the primary: no sample, no alert
+    samples = replica_samples(DatabaseStatus(state, "", lag))
+    up = state in ("up", "busy")
+    assert samples["energy_ingest_replica_up"] == (1.0 if up else 0.0)
+    if up and lag is not None:
+        assert samples["energy_ingest_replica_lag_seconds"] == lag
+    else:
+        assert "energy_ingest_replica_lag_seconds" not in samples
