@@ -13,7 +13,7 @@ from api.auth import require
 from api.body import problem
 from api.responses import JSON, ApiError
 from api.state import reads_of, runtime_of
-from db import analytics, devices
+from db import analytics
 from db.partitions import raw_history_start
 from db.windows import Piece, pieces, rounded
 from ingest.config import Settings
@@ -110,11 +110,8 @@ def alert(dc_kwh: float, ac_kwh: float, threshold: float) -> bool:
     return ac_kwh > 0 and dc_kwh / ac_kwh < threshold
 
 
-def figures(
-    v: analytics.VehicleWindow, threshold: float, silent: list[tuple[str, datetime]]
-) -> dict[str, Any]:
-    """A vehicle's figures, as the per-vehicle route and each row of the fleet give them;
-    `silent`: the silent meters it is charging on now (`db.devices.silent_meters_of`)."""
+def figures(v: analytics.VehicleWindow, threshold: float) -> dict[str, Any]:
+    """A vehicle's figures, as the per-vehicle route and each row of the fleet give them."""
     return {
         "vehicleId": v.vehicle_id,
         "totalAcConsumedKwh": kwh(v.ac_kwh),
@@ -127,7 +124,7 @@ def figures(
             for m in v.meters
         ],
         "alert": alert(v.dc_kwh, v.ac_kwh, threshold),
-        "silentMeters": [{"meterId": m, "lastReadingAt": at} for m, at in silent],
+        "silentMeters": [{"meterId": m, "lastReadingAt": at} for m, at in v.silent_meters],
     }
 
 
@@ -167,13 +164,18 @@ async def performance(request: Request) -> JSON:
     read = reading_of(start, end, runtime.settings)
     async with reads_of(request).connection(analytics=True) as conn:
         totals = await analytics.vehicle_window(
-            conn, vehicle_id, read.pieces, read.start, read.end, read.raw_from
+            conn,
+            vehicle_id,
+            read.pieces,
+            read.start,
+            read.end,
+            read.raw_from,
+            silent_after_s=runtime.settings.silent_after_s,
         )
-        silent = await devices.silent_meters_of(conn, [vehicle_id], runtime.settings.silent_after_s)
     if totals is None:
         raise unknown_vehicle(vehicle_id)
     threshold = runtime.settings.alert_efficiency_threshold
-    body = figures(totals, threshold, silent.get(vehicle_id, []))
+    body = figures(totals, threshold)
     return JSON(
         {
             "vehicleId": body.pop("vehicleId"),

@@ -28,7 +28,7 @@ from api.body import limit_param, problem
 from api.responses import ApiError
 from api.state import reads_of, runtime_of
 from api.streaming import csv_rows, json_object
-from db import analytics, devices
+from db import analytics
 from ingest.readings import is_device_id
 
 DEFAULT_LIMIT = 100
@@ -125,17 +125,14 @@ async def fleet(request: Request) -> Response:
             after=after,
             limit=limit,
             raw_from=read.raw_from,
-        )
-        silent = await devices.silent_meters_of(
-            conn, [r["vehicle_id"] for r in page.rows], runtime.settings.silent_after_s
+            silent_after_s=runtime.settings.silent_after_s,
         )
     next_cursor = (
         encode_cursor(start, end, alert_only, page.key(page.rows[-1])) if page.more else None
     )
 
     def row(record: Record) -> dict[str, Any]:
-        vehicle = analytics.vehicle_of(record, analytics.FLEET_OFFSET)
-        return figures(vehicle, threshold, silent.get(vehicle.vehicle_id, []))
+        return figures(analytics.vehicle_of(record, analytics.FLEET_OFFSET), threshold)
 
     if as_csv:
         return _csv(page.rows, row, next_cursor, request, limit, read.resolution)

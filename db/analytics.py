@@ -20,12 +20,13 @@ proportion to the page, not to the fleet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg
 
+from db.devices import SILENT_METERS
 from db.pool import ReadConnection, read_settings
 from db.tables import METER, SESSIONS, VEHICLE
 from db.windows import HOURLY, RAW, Piece
@@ -228,23 +229,30 @@ async def vehicle_known(conn: asyncpg.Connection, vehicle_id: str) -> bool:
 
 
 def vehicle_sql(window: list[Piece]) -> str:
-    """One vehicle's figures, and whether it is known at all, in one statement: one row."""
-    vehicle = f"${FIRST_PIECE_PARAM + 2 * len(window)}"
+    """One vehicle's figures, whether it is known at all, and the silent meters it charges
+    on, in one statement: one row. Parameters after the pieces: the vehicle, the span after
+    which a meter is silent (seconds)."""
+    n = FIRST_PIECE_PARAM + 2 * len(window)
+    vehicle, span = f"${n}", f"${n + 1}"
+    asked = f"(SELECT {vehicle}::text AS vehicle_id) asked"
     return f"""
 WITH {_window_sql(window, one_vehicle=True)},
-meters AS ({METERS.format(rows="figures")})
+meters AS ({METERS.format(rows="figures")}),
+silent AS ({SILENT_METERS.format(rows=asked, span=span)})
 SELECT {KNOWN.format(vehicle=vehicle)} AS known, f.*, meters.meter_ids, meters.meter_kwh,
-       meters.meter_counts
-FROM (SELECT 1) one LEFT JOIN figures f ON true LEFT JOIN meters USING (vehicle_id)"""
+       meters.meter_counts, silent.silent_ids, silent.silent_ts
+FROM (SELECT 1) one LEFT JOIN figures f ON true LEFT JOIN meters USING (vehicle_id)
+LEFT JOIN silent ON true"""
 
 
 def fleet_sql(window: list[Piece]) -> str:
     """A page of the fleet, worst efficiency first (no AC last, then by id, byte order), cut
     after a key in PostgreSQL; and the fleet's count. Parameters after the pieces: alert
-    only, the threshold, the key to start after (group, ratio, id), the page's size. A row
-    always comes back: with the count alone when the page is empty."""
+    only, the threshold, the key to start after (group, ratio, id), the page's size, the span
+    after which a meter is silent (seconds). A row always comes back: with the count alone
+    when the page is empty."""
     n = FIRST_PIECE_PARAM + 2 * len(window)
-    alert, threshold, group, ratio, after, limit = (f"${n + i}" for i in range(6))
+    alert, threshold, group, ratio, after, limit, span = (f"${n + i}" for i in range(7))
     return f"""
 WITH {_window_sql(window, one_vehicle=False)},
 ranked AS (
@@ -263,12 +271,14 @@ page AS (
         > ({group}::int, {ratio}::float8, {after}::text COLLATE "C")
     ORDER BY rank_group, rank_ratio, rank_id LIMIT {limit}
 ),
-meters AS ({METERS.format(rows="page")})
+meters AS ({METERS.format(rows="page")}),
+silent AS ({SILENT_METERS.format(rows="page", span=span)})
 SELECT t.total, p.vehicle_id, p.dc_kwh, p.vehicle_readings, p.battery_temp_sum, p.ac_kwh,
        p.meter_readings, m.meter_ids, m.meter_kwh, m.meter_counts,
-       p.rank_group, p.rank_ratio, p.rank_id
+       p.rank_group, p.rank_ratio, p.rank_id, s.silent_ids, s.silent_ts
 FROM (SELECT count(*) AS total FROM listed) t
-LEFT JOIN (page p LEFT JOIN meters m USING (vehicle_id)) ON true
+LEFT JOIN (page p LEFT JOIN meters m USING (vehicle_id) LEFT JOIN silent s USING (vehicle_id))
+  ON true
 ORDER BY p.rank_group, p.rank_ratio, p.rank_id"""
 
 
@@ -287,6 +297,8 @@ class VehicleWindow:
     battery_temp_sum: float | None
     ac_kwh: float
     meters: list[MeterTotal]
+    # The meters of its open sessions that have gone silent, with their last reading.
+    silent_meters: list[tuple[str, datetime]] = field(default_factory=list)
 
     @property
     def avg_battery_temp(self) -> float | None:
@@ -303,8 +315,14 @@ class VehicleWindow:
 _ID, _DC, _DC_N, _TEMP, _AC, _, _METER_IDS, _METER_KWH, _METER_N = range(9)
 
 
+def silent_of(record: asyncpg.Record) -> list[tuple[str, datetime]]:
+    """The silent meters of a row of the vehicle's or the fleet's statement."""
+    return list(zip(record["silent_ids"] or (), record["silent_ts"] or (), strict=True))
+
+
 def vehicle_of(record: asyncpg.Record, offset: int = 0) -> VehicleWindow:
-    """A row of `figures` (its columns from `offset` on) as a vehicle's totals."""
+    """A row of `figures` (its columns from `offset` on) as a vehicle's totals, with its
+    silent meters."""
     ids = record[offset + _METER_IDS] or ()
     meters = [
         MeterTotal(meter_id, int(n), float(kwh))
@@ -319,6 +337,7 @@ def vehicle_of(record: asyncpg.Record, offset: int = 0) -> VehicleWindow:
         record[offset + _TEMP],
         float(record[offset + _AC]),
         meters,
+        silent_of(record),
     )
 
 
@@ -336,15 +355,18 @@ async def vehicle_window(
     start: datetime,
     end: datetime,
     raw_from: datetime | None = None,
+    *,
+    silent_after_s: float,
 ) -> VehicleWindow | None:
     """The vehicle's totals over [start, end), or None for a vehicle never seen. Before
     `raw_from`, the window and the pieces must be `db.windows.rounded` (whole hours)."""
     sql = vehicle_sql(window)
-    (record,) = await read(conn, sql, *_args(window, start, end, raw_from), vehicle_id)
+    args = _args(window, start, end, raw_from)
+    (record,) = await read(conn, sql, *args, vehicle_id, silent_after_s)
     if not record["known"]:
         return None
     if record["vehicle_id"] is None:
-        return VehicleWindow(vehicle_id, 0.0, 0, None, 0.0, [])
+        return VehicleWindow(vehicle_id, 0.0, 0, None, 0.0, [], silent_of(record))
     return vehicle_of(record, offset=1)
 
 
@@ -375,12 +397,14 @@ async def fleet_page(
     after: SortKey,
     limit: int,
     raw_from: datetime | None = None,
+    silent_after_s: float,
 ) -> FleetPage:
     """The vehicles with readings in [start, end), of their own or of a meter linked to them,
     worst first, after `after`: at most `limit`. With `alert_below`, only those under it."""
     sql = fleet_sql(window)
     alert = alert_below is not None
     args = [*_args(window, start, end, raw_from), alert, alert_below or 0.0, *after, limit + 1]
+    args.append(silent_after_s)
     # PostgreSQL's own choice of plan: the fleet's statement is planned in a millisecond of
     # hundreds, and its best plan (parallel or not) depends on the window's size.
     records = await read(conn, sql, *args, plan="auto")

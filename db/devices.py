@@ -49,12 +49,16 @@ FROM {t.latest}"""
     for t in STREAMS.values()
 )
 
-# The open sessions of these vehicles whose meter has gone silent: their AC is not whole.
-SILENT_METERS_OF = f"""
-SELECT s.vehicle_id, s.meter_id, l.ts
-FROM {SESSIONS} s JOIN {METER.latest} l USING (meter_id)
-WHERE s.vehicle_id = ANY($1::text[]) AND s.ended_at IS NULL
-  AND l.ts < now() - make_interval(secs => $2)"""
+# For each vehicle of `rows` (an SQL relation with a vehicle_id), the meters of its open
+# sessions that have gone silent for `span` seconds (a parameter): its AC is not whole. One
+# row per such vehicle, its meters in byte order; the analytics statements join it.
+SILENT_METERS = f"""
+    SELECT s.vehicle_id, array_agg(s.meter_id ORDER BY s.meter_id COLLATE "C") AS silent_ids,
+           array_agg(l.ts ORDER BY s.meter_id COLLATE "C") AS silent_ts
+    FROM {SESSIONS} s JOIN {METER.latest} l USING (meter_id)
+    WHERE s.vehicle_id IN (SELECT vehicle_id FROM {{rows}}) AND s.ended_at IS NULL
+      AND l.ts < now() - make_interval(secs => {{span}}::float8)
+    GROUP BY s.vehicle_id"""
 
 SilentKey = tuple[datetime, str, str]
 
@@ -119,14 +123,3 @@ async def census(conn: asyncpg.Connection, silent_after_s: float) -> dict[str, t
         r["stream"]: (r["devices"], r["silent"]) for r in await conn.fetch(CENSUS, silent_after_s)
     }
 
-
-async def silent_meters_of(
-    conn: asyncpg.Connection, vehicle_ids: list[str], silent_after_s: float
-) -> dict[str, list[tuple[str, datetime]]]:
-    """Vehicle → the silent meters it is charging on (open sessions), with their last
-    reading."""
-    found: dict[str, list[tuple[str, datetime]]] = {}
-    if vehicle_ids:
-        for r in await conn.fetch(SILENT_METERS_OF, vehicle_ids, silent_after_s):
-            found.setdefault(r["vehicle_id"], []).append((r["meter_id"], r["ts"]))
-    return found

@@ -84,5 +84,6 @@ class Census(Component):
             alert_below=settings.alert_efficiency_threshold,
             after=analytics.FIRST_KEY,
             limit=0,
+            silent_after_s=settings.silent_after_s,
         )
         return page.total

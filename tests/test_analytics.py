@@ -230,8 +230,8 @@ def statement(
 ) -> tuple[str, list[Any]]:
     """One vehicle's statement (V7), or the fleet's first page, with their parameters."""
     if one_vehicle:
-        return vehicle_sql(split), [*_args(split, *window), "V7"]
-    return fleet_sql(split), [*_args(split, *window), False, 0.0, *FIRST_KEY, 101]
+        return vehicle_sql(split), [*_args(split, *window), "V7", 900.0]
+    return fleet_sql(split), [*_args(split, *window), False, 0.0, *FIRST_KEY, 101, 900.0]
 
 
 async def test_analytics_plan_reads_only_the_window_partitions_from_the_index(

@@ -265,7 +265,10 @@ async def test_a_vehicle_with_thousands_of_past_sessions_costs_what_its_window_h
     async def buffers(vehicle: str) -> int:
         sql = vehicle_sql(split)
         raw = await conn.fetchval(
-            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *_args(split, *window), vehicle
+            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}",
+            *_args(split, *window),
+            vehicle,
+            900.0,
         )
         plan = json.loads(raw)[0]["Plan"]
         return int(plan["Shared Hit Blocks"] + plan["Shared Read Blocks"])
