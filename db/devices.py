@@ -122,4 +122,3 @@ async def census(conn: asyncpg.Connection, silent_after_s: float) -> dict[str, t
     return {
         r["stream"]: (r["devices"], r["silent"]) for r in await conn.fetch(CENSUS, silent_after_s)
     }
-
