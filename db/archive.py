@@ -13,7 +13,7 @@ One partition at a time, in one REPEATABLE READ transaction:
 5. the file read back with pyarrow: its rows and first and last time must equal the
    partition's, its kWh agree to rounding; then its entry (rows, kWh, sha256, …) goes into
    the manifest;
-6. `DROP TABLE <partition>`, and the commit.
+6. the parent locked, `DROP TABLE <partition>`, and the commit (`db.partitions.lock_parent`).
 
 Anything failing rolls the transaction back: the partition stays, to be tried again.
 """
@@ -29,7 +29,7 @@ import asyncpg
 
 from db import parquet
 from db.migrate import lock_key
-from db.partitions import partition_day
+from db.partitions import lock_parent, partition_day
 from db.tables import StreamTables
 
 CHUNK_BYTES = 8 * 1024 * 1024  # COPY text parsed at a time (about 100,000 readings)
@@ -115,6 +115,7 @@ async def _archive_locked(
             parquet.relative_path(t.stream, day),
             entry,
         )
+        await lock_parent(conn, t.history)
         await conn.execute(f'DROP TABLE "{partition}"')
         return archived
 
