@@ -10,7 +10,7 @@ counts the span back from the database's clock at the time it is read.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -25,6 +25,7 @@ from ingest.readings import is_device_id
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+QUERY = ("silentFor", "stream", "limit", "cursor")  # (each once at most)
 STREAMS = ("meter", "vehicle")
 CHOICES = (("meter",), ("vehicle",), STREAMS)  # one stream, or both
 UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -66,6 +67,9 @@ def decode_cursor(raw: str) -> tuple[int, tuple[str, ...], devices.SilentKey]:
         seconds, streams = state["silentFor"], tuple(state["streams"])
         ts_text, stream, device_id = state["after"]
         ts = datetime.fromisoformat(ts_text)
+        if ts.tzinfo is None:
+            raise ValueError("a time without its offset")
+        ts = ts.astimezone(UTC)  # (OverflowError past the calendar's ends)
         if (
             type(seconds) is not int
             or not 1 <= seconds <= MAX_SPAN_S
@@ -73,7 +77,6 @@ def decode_cursor(raw: str) -> tuple[int, tuple[str, ...], devices.SilentKey]:
             or stream not in streams
             or not isinstance(device_id, str)
             or not is_device_id(device_id)
-            or ts.tzinfo is None
         ):
             raise ValueError("cursor fields")
     except cursors.FORGED:
@@ -86,13 +89,19 @@ async def silent(request: Request) -> JSON:
     settings = runtime_of(request).settings
     query = request.query_params
     limit = limit_param(query.get("limit"), default=DEFAULT_LIMIT, maximum=MAX_LIMIT)
+    for name in QUERY:
+        if len(query.getlist(name)) > 1:
+            raise _bad(name, "given more than once")
+    raw = query.get("silentFor")
+    seconds = settings.silent_after_s if raw is None else span_s(raw)
+    streams = _streams(query.get("stream"))
     after: devices.SilentKey | None = None
     if query.get("cursor"):
+        asked = (seconds, streams)
         seconds, streams, after = decode_cursor(query["cursor"])
-    else:
-        raw = query.get("silentFor")
-        seconds = settings.silent_after_s if raw is None else span_s(raw)
-        streams = _streams(query.get("stream"))
+        for name, was, now in zip(("silentFor", "stream"), (seconds, streams), asked, strict=True):
+            if name in query and was != now:
+                raise _bad(name, "is not the cursor's: give it as on the first page, or not at all")
     async with reads_of(request).connection(analytics=False) as conn:
         page = await devices.silent_page(
             conn, streams=streams, silent_for_s=seconds, after=after, limit=limit

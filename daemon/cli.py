@@ -8,25 +8,26 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import pwd
 import sys
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
 import uvloop
 
 from broker.tls import TlsFilesError
 from daemon.app import serve
 from daemon.database import prepare_database
-from daemon.logs import configure_logging
+from daemon.logs import JsonFormatter, configure_logging
 from daemon.provision import BrokerFiles, ProvisionError, Role, provision
 from daemon.services import ServiceError, private_services
 from db.errors import DatabaseSetupError
 from db.pool import WrongSchema, connect
 from db.rollup import rebuild
-from ingest.config import Settings, settings_or_exit
+from ingest.config import BadConfiguration, Settings, settings_or_raise
 
 
 async def _migrate(settings: Settings) -> None:
@@ -171,15 +172,31 @@ def main(argv: list[str] | None = None) -> None:
         except (ProvisionError, OSError) as error:
             sys.exit(f"energy-ingest: {error}")
         return
-    settings = settings_or_exit()
+    if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":
+        configure_logging("INFO", "json")  # (even a bad configuration is said in JSON)
+    try:
+        settings = settings_or_raise()
+    except BadConfiguration as error:
+        _exit(str(error))
     configure_logging(settings.log_level, settings.log_format)
     try:
         _run(args, settings)
     except (ServiceError, TlsFilesError, WrongSchema, DatabaseSetupError) as error:
         logging.getLogger("energy-ingest").error("%s", error)
-        sys.exit(f"energy-ingest: {error}")
+        _exit(str(error), logged=True)
     except KeyboardInterrupt:
         pass
+
+
+def _exit(message: str, *, logged: bool = False) -> NoReturn:
+    """Ends the process, status 1, with `message` on stderr: in plain text, or, when logs are
+    JSON, as a log line like any other (once: not again if it was `logged`)."""
+    root = logging.getLogger()
+    if any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers):
+        if not logged:
+            logging.getLogger("energy-ingest").critical("%s", message)
+        sys.exit(1)
+    sys.exit(f"energy-ingest: {message}")
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> None:
@@ -188,10 +205,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> None:
         # uvloop: the same asyncio, with a faster event loop (and uvicorn then uses
         # httptools); measured in BENCHMARKS.md.
         if not uvloop.run(serve(settings)):
-            sys.exit("energy-ingest: stopped because a part of the daemon failed (see above)")
+            _exit("stopped because a part of the daemon failed (see above)")
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
     elif args.command == "rebuild-rollups":
         if args.start >= args.end:
-            sys.exit("energy-ingest: START must come before END")
+            _exit("START must come before END")
         asyncio.run(_rebuild_rollups(settings, args.start, args.end))

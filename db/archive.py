@@ -24,6 +24,7 @@ import asyncio
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -50,6 +51,7 @@ class Archived:
     kwh: float
     sha256: str
     bytes: int
+    before: bool = False  # archived before: an empty partition made since, dropped
 
 
 def copy_sql(t: StreamTables, partition: str) -> str:
@@ -99,7 +101,8 @@ async def _archive_locked(
 ) -> Archived:
     """The transaction itself. Its snapshot is taken by its first query, after the lock:
     the figures and the rows exported are all the partition will ever hold."""
-    path = archive_dir / parquet.relative_path(t.stream, day)
+    relative = parquet.relative_path(t.stream, day)
+    path = archive_dir / relative
     async with conn.transaction(isolation="repeatable_read"):
         await conn.execute("SET LOCAL lock_timeout = '5s'")
         await conn.execute(f'LOCK TABLE "{partition}" IN SHARE MODE')
@@ -107,6 +110,9 @@ async def _archive_locked(
         expected = parquet.Figures(
             int(row["rows"]), float(row["kwh"]), row["first_ts"], row["last_ts"]
         )
+        before = await asyncio.to_thread(parquet.archived_entry, archive_dir, relative)
+        if before is not None:  # never overwritten: its partition is gone
+            return await _archived_before(conn, t, partition, day, path, expected, before)
         archived = await _export(conn, t, partition, day, path, expected)
         entry = parquet.manifest_entry(t, day, expected, archived.sha256, archived.bytes, partition)
         await asyncio.to_thread(
@@ -118,6 +124,30 @@ async def _archive_locked(
         await lock_parent(conn, t.history)
         await conn.execute(f'DROP TABLE "{partition}"')
         return archived
+
+
+async def _archived_before(
+    conn: asyncpg.Connection,
+    t: StreamTables,
+    partition: str,
+    day: date,
+    path: Path,
+    expected: parquet.Figures,
+    before: dict[str, Any],
+) -> Archived:
+    """A day archived before, whose partition was made again since (RETENTION_DAYS raised
+    for a while, `energy-ingest migrate` run with a longer one): empty, it is dropped and the
+    file kept; holding readings, it is kept, and the reason says what to do."""
+    if expected.rows:
+        raise ArchiveError(
+            f"{partition}: {path} was archived before with {before.get('rows')} readings, and "
+            f"the partition holds {expected.rows} more: move that file aside (and its entry "
+            "out of manifest.json) to archive the day again, or keep the partition longer "
+            "(RETENTION_DAYS); nothing is overwritten"
+        )
+    await lock_parent(conn, t.history)
+    await conn.execute(f'DROP TABLE "{partition}"')
+    return Archived(partition, t.stream, day, path, 0, 0.0, str(before.get("sha256")), 0, True)
 
 
 async def _export(

@@ -76,9 +76,13 @@ class PartWriter:
         self.schema = schema_of(t)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self._writer = pq.ParquetWriter(
-            self.temp, self.schema, compression=COMPRESSION, write_statistics=True
-        )
+        try:
+            self._writer = pq.ParquetWriter(
+                self.temp, self.schema, compression=COMPRESSION, write_statistics=True
+            )
+        except BaseException:  # (a full disk, say: nothing left behind)
+            self.temp.unlink(missing_ok=True)
+            raise
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self.rows = 0
@@ -202,8 +206,19 @@ def read_manifest(archive_dir: Path) -> dict[str, Any]:
     path = archive_dir / MANIFEST
     if not path.exists():
         return {"version": MANIFEST_VERSION, "files": {}}
-    manifest: dict[str, Any] = json.loads(path.read_bytes())
+    try:
+        manifest = json.loads(path.read_bytes())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError("no object of files")
+    except ValueError as error:  # (JSONDecodeError is one)
+        raise ValueError(f"{path} is not an archive manifest ({error}): mend or move it") from None
     return manifest
+
+
+def archived_entry(archive_dir: Path, relative: str) -> dict[str, Any] | None:
+    """The manifest's entry for a file: the day was archived (and its partition dropped)."""
+    entry: dict[str, Any] | None = read_manifest(archive_dir)["files"].get(relative)
+    return entry
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import asyncpg
 
@@ -38,19 +40,21 @@ PRIMARY_QUESTION = """
 SELECT pg_is_in_recovery() AS standby,
        current_setting('transaction_read_only') = 'on' AS read_only,
        NULL::float8 AS lag_s, NULL::text AS receiving"""
-# Replay lag: how old the newest transaction replayed is, while WAL received is still to be
-# replayed, or while no WAL is received (the primary's newer work cannot be known then); 0
-# when replay has caught up with a stream that flows.
+# Replay lag: how old the newest transaction replayed is, while the replica is behind: WAL
+# received is still to be replayed, or no WAL is received (the primary's newer work cannot
+# be known then); 0 when replay has caught up with a stream that flows. (Behind before it
+# replayed any transaction, the age is unknown: `DatabaseProbe` counts from when it saw it.)
 REPLICA_QUESTION = """
-SELECT pg_is_in_recovery() AS standby, true AS read_only,
-       CASE WHEN NOT pg_is_in_recovery() THEN 0
-            WHEN receiving IS DISTINCT FROM 'streaming'
-              OR pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
-            THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
+SELECT pg_is_in_recovery() AS standby, true AS read_only, behind,
+       CASE WHEN behind THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
             ELSE 0
        END AS lag_s,
        receiving
-FROM (SELECT (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS receiving) AS receiver"""
+FROM (SELECT (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS receiving) AS receiver,
+     LATERAL (SELECT pg_is_in_recovery()
+                     AND (receiving IS DISTINCT FROM 'streaming'
+                          OR pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn())
+                     AS behind) AS state"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class DatabaseProbe:
         self._question = REPLICA_QUESTION if replica else PRIMARY_QUESTION
         self._conn: asyncpg.Connection | None = None
         self._asked_at: float | None = None
+        self._behind_since: float | None = None  # (a replica seen behind, its lag unknown)
         self._last = DatabaseStatus("up", "not asked yet")
         self._task: asyncio.Task[None] | None = None
 
@@ -137,10 +142,16 @@ class DatabaseProbe:
         finally:
             self._asked_at = None
 
-    def _judge(self, row: asyncpg.Record) -> DatabaseStatus:
+    def _judge(self, row: Mapping[str, Any]) -> DatabaseStatus:
         lag_s = row["lag_s"]
         if self._replica:
             detail = "" if row["receiving"] in (None, "streaming") else "not streaming"
+            if lag_s is None and row["behind"]:  # at least as long as it has been seen so
+                now = time.monotonic()
+                self._behind_since = self._behind_since or now
+                lag_s = now - self._behind_since
+            elif not row["behind"]:
+                self._behind_since = None
             return DatabaseStatus("up", detail, lag_s)
         if row["standby"]:
             return DatabaseStatus("read-only", "connected to a standby: no primary takes writes")

@@ -137,6 +137,13 @@ class Settings(BaseSettings):
                 raise ValueError(str(error)) from None
         return value
 
+    @field_validator("archive_dir", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `ARCHIVE_DIR=` is no archive (as an empty DATABASE_READ_URL is no replica), not the
+        # working directory: partitions would be dropped for files in a throwaway place.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("mqtt_ca_file", "mqtt_client_cert_file", "mqtt_client_key_file")
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
@@ -192,13 +199,25 @@ class MqttEndpoint:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-def settings_or_exit() -> Settings:
-    """The configuration from the environment, or the process exits naming each bad
-    variable and what is wrong with it."""
+class BadConfiguration(Exception):
+    """Names each bad variable and what is wrong with it."""
+
+
+def settings_or_raise() -> Settings:
+    """The configuration from the environment, or BadConfiguration."""
     try:
         return Settings()
     except ValidationError as error:
         problems = "; ".join(
             f"{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()
         )
-        sys.exit(f"energy-ingest: bad configuration: {problems}")
+        raise BadConfiguration(f"bad configuration: {problems}") from None
+
+
+def settings_or_exit() -> Settings:
+    """The configuration from the environment, or the process exits naming each bad
+    variable and what is wrong with it."""
+    try:
+        return settings_or_raise()
+    except BadConfiguration as error:
+        sys.exit(f"energy-ingest: {error}")

@@ -170,6 +170,9 @@ class Housekeeping(Component):
             if done is None:  # another daemon is archiving, or it is gone already
                 continue
             archived += 1
+            if done.before:
+                log.info("%s held nothing; %s, archived before, kept", partition, done.path)
+                continue
             self._metrics.archived_partitions.labels(done.stream).inc()
             log.info(
                 "archived %s to %s: %d rows, %.6f kWh, %d bytes, %.1f s; partition dropped",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -256,7 +257,11 @@ def main() -> None:
             result = asyncio.run(measure(dsn, args.devices, args.calls, args.runs))
         finally:
             pg.stop()
-    result["machine"] = {"cpus": platform.machine(), "python": platform.python_version()}
+    result["machine"] = {
+        "cpus": os.cpu_count(),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+    }
     result["command"] = "scripts/rollup_partitions.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k != "out"
     )

@@ -17,12 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from db import parquet
 from db.archive import ArchiveError, archive_partition
 from db.parquet import MANIFEST, sha256_of
 from db.partitions import partition_name, upkeep
 from db.rollup import fold
 from db.tables import METER, VEHICLE, StreamTables
 from db.writes import FlushBatch, flush_batch
+from ingest.config import Settings
 
 
 def duck(sql: str) -> list[tuple[Any, ...]]:
@@ -192,3 +194,75 @@ async def test_rollups_outlive_the_raw_history_until_their_own_retention(
     )
     assert archived.expired and not any(n.startswith("meter_readings") for n in archived.dropped)
     assert all([await partition_exists(conn, n) for n in archived.expired])
+
+
+async def test_an_archived_day_is_never_overwritten(
+    conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A day's partition made again after it was archived (RETENTION_DAYS raised for a while,
+    `migrate` run with a longer one): empty, it is dropped and the file kept; holding
+    readings, it is kept, and the file too."""
+    now = datetime.now(UTC)
+    partition = partition_name(METER.history, OLD_DAY)
+    path = tmp_path / "meter" / f"{OLD_DAY.isoformat()}.parquet"
+    batch = FlushBatch()
+    batch.rows["meter"].append(("M1", midnight(OLD_DAY) + timedelta(hours=3), 1.5, 230.0, now))
+    await flush_batch(conn, batch)
+    first = await archive_partition(
+        conn, schema="public", partition=partition, archive_dir=tmp_path
+    )
+    assert first is not None and first.rows == 1 and not first.before
+    archived = (path.read_bytes(), (tmp_path / MANIFEST).read_bytes())
+
+    await upkeep(conn, schema="public", now=now, retention_days=30, lookahead_days=1)
+    again = await archive_partition(
+        conn, schema="public", partition=partition, archive_dir=tmp_path
+    )
+    assert again is not None and again.before and again.rows == 0
+    assert not await partition_exists(conn, partition)
+    assert (path.read_bytes(), (tmp_path / MANIFEST).read_bytes()) == archived
+
+    await upkeep(conn, schema="public", now=now, retention_days=30, lookahead_days=1)
+    batch = FlushBatch()
+    batch.rows["meter"].append(("M2", midnight(OLD_DAY) + timedelta(hours=4), 2.5, 230.0, now))
+    await flush_batch(conn, batch)
+    with pytest.raises(ArchiveError, match="nothing is overwritten"):
+        await archive_partition(conn, schema="public", partition=partition, archive_dir=tmp_path)
+    assert await conn.fetchval(f'SELECT count(*) FROM "{partition}"') == 1
+    assert (path.read_bytes(), (tmp_path / MANIFEST).read_bytes()) == archived
+
+
+async def test_a_manifest_that_is_not_one_is_named_and_nothing_dropped(
+    conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    batch = FlushBatch()
+    at = midnight(OLD_DAY) + timedelta(hours=3)
+    batch.rows["meter"].append(("M1", at, 1.5, 230.0, datetime.now(UTC)))
+    await flush_batch(conn, batch)
+    (tmp_path / MANIFEST).write_text('{"version": 1}')
+    partition = partition_name(METER.history, OLD_DAY)
+    with pytest.raises(ArchiveError, match="is not an archive manifest"):
+        await archive_partition(conn, schema="public", partition=partition, archive_dir=tmp_path)
+    assert await partition_exists(conn, partition)
+
+
+def test_a_writer_that_cannot_start_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a full disk: the file is opened, its header cannot be written."""
+
+    def full_disk(where: Path, *args: Any, **kwargs: Any) -> None:
+        Path(where).write_bytes(b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("db.parquet.pq.ParquetWriter", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        parquet.PartWriter(tmp_path / "meter" / "2026-01-01.parquet", METER)
+    assert list((tmp_path / "meter").iterdir()) == []
+
+
+@given(blank=st.text(" \t", max_size=3))
+def test_an_empty_archive_dir_is_no_archive(blank: str) -> None:
+    """Not the working directory: partitions would go for files in a throwaway place."""
+    assert Settings(archive_dir=blank).archive_dir is None
+    assert Settings(archive_dir="/srv/archive").archive_dir == Path("/srv/archive")

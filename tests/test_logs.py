@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -188,3 +191,30 @@ async def test_the_daemon_logs_only_json_lines_with_their_context(
     assert mqtt and all(e["transport"] == "mqtt" for e in mqtt)
     assert any(e["event"].startswith("MQTT subscribed") for e in mqtt)
     assert datetime.fromisoformat(entries[0]["time"]) <= datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "said"),
+    [
+        ({"HTTP_PORT": "abc"}, ["run"], "HTTP_PORT"),
+        ({}, ["rebuild-rollups", "2026-02-01T00:00Z", "2026-01-01T00:00Z"], "START must come"),
+    ],
+)
+def test_a_command_that_cannot_go_on_says_why_in_json_too(
+    env: dict[str, str], args: list[str], said: str, tmp_path: Path
+) -> None:
+    """Its last word is a log line like the others, not a line of plain text."""
+    environment = {**os.environ, **env, "LOG_FORMAT": "json"}
+    ended = subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env=environment,
+        cwd=tmp_path,  # (no .env of the checkout)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ended.returncode == 1, ended.stderr
+    entries = [_check(line) for line in ended.stderr.splitlines()]
+    (last,) = [e for e in entries if said in e["event"]]
+    assert last["level"] == "CRITICAL" and last["logger"] == "energy-ingest"

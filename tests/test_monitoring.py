@@ -19,7 +19,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from db.probe import DatabaseStatus
+from db.probe import DatabaseProbe, DatabaseStatus
 from ingest.metrics import Metrics
 from tests.services import REPO
 from tests.test_compose import DAEMONS, SERVICES
@@ -254,3 +254,23 @@ def test_the_replica_is_exported_as_its_probe_last_found_it(state: str, lag: flo
         assert samples["energy_ingest_replica_lag_seconds"] == lag
     else:
         assert "energy_ingest_replica_lag_seconds" not in samples
+
+
+def test_a_replica_behind_before_it_replayed_anything_counts_its_lag_from_when_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fresh replica has no replayed transaction to date its lag by; behind, its lag is at
+    least how long the probe has seen it so, and the alert can fire."""
+    probe = DatabaseProbe("postgresql://unused", schema="public", pooler="session", replica=True)
+    clock = iter([100.0, 107.5, 300.0])
+    monkeypatch.setattr("db.probe.time.monotonic", lambda: next(clock))
+
+    def judged(lag_s: float | None, behind: bool) -> float | None:
+        row = {"lag_s": lag_s, "behind": behind, "receiving": "streaming"}
+        return probe._judge(row).lag_s
+
+    assert judged(None, True) == 0.0
+    assert judged(None, True) == 7.5
+    assert judged(0.0, False) == 0.0  # caught up: the count starts again
+    assert judged(None, True) == 0.0
+    assert judged(42.0, True) == 42.0  # dated by its replayed transactions

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from api import cursors
 from api.devices import MAX_SPAN_S, UNITS_S, decode_cursor, encode_cursor, span_s
 from api.responses import ApiError
 from daemon.services import EmbeddedMosquitto
@@ -27,6 +28,10 @@ from tests.services import DaemonProcess, wait_until
 
 SILENT_AFTER_S = 600  # (the listing's own spans are given in each query)
 SHORT_S = 2
+# A first page's cursor of `silentFor=5m&stream=meter` (after a device of long ago).
+CURSOR_5M_METERS = cursors.encode(
+    {"silentFor": 300, "streams": ["meter"], "after": ["2000-01-01T00:00:00+00:00", "meter", "M"]}
+)
 
 
 @given(st.integers(min_value=0, max_value=10**9), st.sampled_from(sorted(UNITS_S)))
@@ -77,6 +82,26 @@ def test_a_made_up_cursor_is_a_400(raw: str) -> None:
         decode_cursor(raw)
     except ApiError as error:
         assert error.status_code == 400 and error.detail[0]["field"] == "cursor"
+
+
+@given(
+    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),
+    st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1),
+)
+def test_a_cursor_of_any_instant_and_offset_is_read_in_utc_or_refused(
+    naive: datetime, offset_min: int
+) -> None:
+    """Past the calendar's ends once in UTC (0001-01-01 at +14:00, say) is a forged cursor,
+    not a value the database refuses."""
+    at = naive.replace(tzinfo=timezone(timedelta(minutes=offset_min))).isoformat()
+    state = {"silentFor": 60, "streams": ["meter"], "after": [at, "meter", "M-1"]}
+    try:
+        _, _, (ts, _, _) = decode_cursor(cursors.encode(state))
+    except ApiError as error:
+        assert error.status_code == 400 and error.detail[0]["field"] == "cursor"
+    else:
+        assert ts.utcoffset() == timedelta(0)
+        assert ts == naive.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
 
 
 # Against the real daemon: its own database, a short SILENT_AFTER_S, a census every 0.2 s.
@@ -192,6 +217,13 @@ def test_pages_cover_the_listing_once_in_order(silent_daemon: DaemonProcess) -> 
     assert first["total"] == len(whole) and first["silentForSeconds"] == 86400
 
 
+def test_a_cursor_may_be_given_with_its_own_query(silent_daemon: DaemonProcess) -> None:
+    for params in ({}, {"silentFor": "5m"}, {"stream": "meter"}, {"silentFor": "300s"}):
+        response = silent_daemon.get("/v1/devices", cursor=CURSOR_5M_METERS, **params)
+        assert response.status_code == 200, response.text
+        assert response.json()["silentForSeconds"] == 300
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
@@ -204,6 +236,11 @@ def test_pages_cover_the_listing_once_in_order(silent_daemon: DaemonProcess) -> 
         ({"limit": "0"}, "limit"),
         ({"limit": "1001"}, "limit"),
         ({"cursor": "eyJzaWxlbnRGb3IiOjB9"}, "cursor"),
+        ({"stream": ["meter", "vehicle"]}, "stream"),
+        ({"silentFor": ["5m", "5m"]}, "silentFor"),
+        ({"cursor": CURSOR_5M_METERS, "silentFor": "6m"}, "silentFor"),
+        ({"cursor": CURSOR_5M_METERS, "stream": "vehicle"}, "stream"),
+        ({"cursor": CURSOR_5M_METERS, "stream": ""}, "stream"),
     ],
 )
 def test_bad_queries_name_the_parameter(
