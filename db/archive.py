@@ -13,7 +13,8 @@ One partition at a time, in one REPEATABLE READ transaction:
 5. the file read back with pyarrow: its rows and first and last time must equal the
    partition's, its kWh agree to rounding; then its entry (rows, kWh, sha256, …) goes into
    the manifest;
-6. the parent locked, `DROP TABLE <partition>`, and the commit (`db.partitions.lock_parent`).
+6. `DROP TABLE <partition>`, its parent locked first (`db.partitions.drop_partition`), and
+   the commit.
 
 Anything failing rolls the transaction back: the partition stays, to be tried again.
 """
@@ -30,7 +31,7 @@ import asyncpg
 
 from db import parquet
 from db.migrate import lock_key
-from db.partitions import lock_parent, partition_day
+from db.partitions import drop_partition, partition_day
 from db.tables import StreamTables
 
 CHUNK_BYTES = 8 * 1024 * 1024  # COPY text parsed at a time (about 100,000 readings)
@@ -118,11 +119,10 @@ async def _archive_locked(
         await asyncio.to_thread(
             parquet.record_in_manifest,
             archive_dir,
-            parquet.relative_path(t.stream, day),
+            relative,
             entry,
         )
-        await lock_parent(conn, t.history)
-        await conn.execute(f'DROP TABLE "{partition}"')
+        await drop_partition(conn, t.history, partition)
         return archived
 
 
@@ -145,9 +145,9 @@ async def _archived_before(
             "out of manifest.json) to archive the day again, or keep the partition longer "
             "(RETENTION_DAYS); nothing is overwritten"
         )
-    await lock_parent(conn, t.history)
-    await conn.execute(f'DROP TABLE "{partition}"')
-    return Archived(partition, t.stream, day, path, 0, 0.0, str(before.get("sha256")), 0, True)
+    await drop_partition(conn, t.history, partition)
+    sha256 = str(before.get("sha256"))
+    return Archived(partition, t.stream, day, path, 0, 0.0, sha256, 0, before=True)
 
 
 async def _export(

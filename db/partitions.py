@@ -11,7 +11,7 @@ Once a whole month is older than the raw history, no reading can change its roll
 more, and its day partitions are merged into one (`…_mYYYYMM`), a month a run: two years of
 roll-ups are then about 25 partitions a table, not 730. The prepared statements of operators'
 reads run generic plans, and PostgreSQL locks every partition of a generic plan when it runs
-(pruned or not): 730 of them made one vehicle's analytics 2.4 times as slow (BENCHMARKS.md).
+(pruned or not): 730 of them made one vehicle's analytics 2.2 times as slow (BENCHMARKS.md).
 A merged month is dropped whole once all of it is past ROLLUP_RETENTION_DAYS.
 
 Every daemon runs the upkeep; a transaction-scoped advisory lock makes one do the work at a
@@ -180,16 +180,17 @@ async def _upkeep_table(
         if archive and table in HISTORIES:  # (db.archive drops it once exported)
             report.expired.append(name)
         else:
-            await lock_parent(conn, table)
-            await conn.execute(f'DROP TABLE "{name}"')
+            await drop_partition(conn, table, name)
             report.dropped.append(name)
 
 
-async def lock_parent(conn: asyncpg.Connection, table: str) -> None:
-    """The lock a partition's DROP takes on its parent, taken first. DROP alone locks the
-    partition, then the parent; a read's plan locks the parent, then every partition: each
-    would hold what the other waits for (a deadlock PostgreSQL ends by failing one)."""
-    await conn.execute(f'LOCK TABLE ONLY "{table}" IN ACCESS EXCLUSIVE MODE')
+async def drop_partition(conn: asyncpg.Connection, parent: str, name: str) -> None:
+    """A partition dropped, the lock its DROP takes on the parent taken first. DROP alone
+    locks the partition, then the parent; a read's plan locks the parent, then every
+    partition: each would hold what the other waits for (a deadlock PostgreSQL ends by
+    failing one). (`ONLY`: the parent itself, not each of its partitions.)"""
+    await conn.execute(f'LOCK TABLE ONLY "{parent}" IN ACCESS EXCLUSIVE MODE')
+    await conn.execute(f'DROP TABLE "{name}"')
 
 
 async def _merge_a_month(
@@ -229,9 +230,8 @@ async def _merge(conn: asyncpg.Connection, table: str, before: date) -> str | No
     await conn.execute(
         f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_bounds" CHECK (hour >= {lo} AND hour < {hi})'
     )
-    await lock_parent(conn, table)
     for part in parts:
-        await conn.execute(f'DROP TABLE "{part}"')
+        await drop_partition(conn, table, part)
     await conn.execute(
         f'ALTER TABLE "{table}" ATTACH PARTITION "{name}" FOR VALUES FROM ({lo}) TO ({hi})'
     )
